@@ -1,0 +1,343 @@
+"""``deployment-cleanup``: the same runs as the operator, from a terminal.
+
+Exit codes: 0 success, 1 error (bad input, unreachable database, ...),
+2 usage error, 3 refused for safety (blocked plan, stale or missing approval,
+stopped apply). ``--output json`` prints the status object the operator writes
+to the DeploymentCleanup resource.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .archive import RestoreResult
+from .db import ConfigurationError, EnvironmentSecrets, Redactor
+from .planning import Plan
+from .runs import (
+    ApplyRequest,
+    Connections,
+    Outcome,
+    RunResult,
+    apply,
+    connect,
+    plan_and_record,
+    restore,
+    utc_now,
+)
+from .runstate import RunRecord
+from .spec import DeploymentCleanup, SpecError, load_cleanup
+from .status import build_status, run_summary
+
+__all__ = ["EXIT_BLOCKED", "EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main", "render_result"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_BLOCKED = 3
+
+_EXIT_FOR = {
+    Outcome.SUCCEEDED: EXIT_OK,
+    Outcome.BLOCKED: EXIT_BLOCKED,
+    Outcome.AWAITING_APPROVAL: EXIT_BLOCKED,
+    Outcome.STOPPED: EXIT_BLOCKED,
+    Outcome.FAILED: EXIT_ERROR,
+}
+
+
+class ProgressLine:
+    """A one-line progress display on a terminal; silent when stderr is not one."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.shown = False
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if total:
+            width = 30
+            filled = width * done // max(total, 1)
+            bar = "#" * filled + "-" * (width - filled)
+            text = f"\r{phase:8} [{bar}] {done:,}/{total:,}"
+        else:
+            text = f"\r{phase:8} {done:,} builds"
+        self.stream.write(text)
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> list[str]:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return [
+        "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    ]
+
+
+def _render_plan(plan: Plan) -> list[str]:
+    c = plan.counts
+    lines = [
+        f"Plan {plan.id}: {plan.verdict.value.upper()} ({plan.reason})",
+        f"  {plan.message}",
+        "",
+        f"Inventory    {c['projects']:,} projects, {c['builds']:,} unarchived builds",
+        f"Classified   active {c['active']:,}, routed {c['routed']:,}, "
+        f"not routed {c['notRouted']:,}, unknown {c['unknown']:,}",
+        f"Candidates   {c['candidates']:,} to archive"
+        + ("" if plan.ready else " if the run were not blocked: none will be archived"),
+    ]
+    kept = {k: v for k, v in plan.keep_reasons.items() if v}
+    if kept:
+        lines.append("Kept because " + ", ".join(f"{k} {v:,}" for k, v in kept.items()))
+    issues = {k: v for k, v in plan.project_issues.items() if v}
+    if issues or c["disagreements"]:
+        lines.append(
+            "Reported     "
+            + ", ".join(
+                [f"{k} {v:,}" for k, v in issues.items()]
+                + [f"disagreements {c['disagreements']:,}"]
+            )
+        )
+    lines += ["", "Safety thresholds"]
+    lines += _table(
+        [
+            (
+                t.name,
+                f"{t.limit:g}",
+                "-" if t.actual is None else f"{t.actual:g}",
+                "ok" if t.passed else "EXCEEDED",
+            )
+            for t in plan.thresholds
+        ],
+        ("CHECK", "LIMIT", "ACTUAL", "RESULT"),
+    )
+    failed = plan.failed_receipts
+    lines += [
+        "",
+        f"Lookup batches: {len(plan.receipts)} "
+        f"({len(plan.receipts) - len(failed)} ok, {len(failed)} failed)",
+    ]
+    for receipt in failed[:10]:
+        lines.append(
+            f"  batch {receipt.index} ({receipt.size} ids, {receipt.attempts} attempts): "
+            f"{receipt.error}"
+        )
+    if plan.candidates:
+        lines += ["", "Sample of candidates"]
+        lines += _table(
+            [
+                (
+                    d.build.id,
+                    d.build.project_id,
+                    d.build.status,
+                    "-" if d.build.created_at is None else d.build.created_at.date().isoformat(),
+                )
+                for d in plan.candidates[:10]
+            ],
+            ("BUILD", "PROJECT", "STATUS", "CREATED"),
+        )
+    return lines
+
+
+def _render_run(run: RunRecord) -> list[str]:
+    return [
+        f"Run {run.id} ({run.kind}): {run.state}",
+        f"  plan {run.plan_id}: {run.candidates:,} candidates, archived {run.archived:,}, "
+        f"skipped {run.skipped:,}, restored {run.restored:,}",
+    ]
+
+
+def _render_restore(result: RestoreResult) -> list[str]:
+    lines = [f"Restored {result.restored:,}; already restored {result.already_restored:,}"]
+    for build_id, why in list(result.conflicts.items())[:10]:
+        lines.append(f"  left alone: build {build_id}: {why}")
+    return lines
+
+
+def render_result(result: RunResult) -> str:
+    """The human-readable report of one run."""
+    lines: list[str] = []
+    if result.plan is not None:
+        lines += [*_render_plan(result.plan), ""]
+    if result.run is not None:
+        lines += _render_run(result.run)
+    if result.restore is not None:
+        lines += _render_restore(result.restore)
+    lines += ["", f"{result.outcome}: {result.message}"]
+    return "\n".join(lines)
+
+
+def _status_json(cleanup: DeploymentCleanup, result: RunResult) -> str:
+    status = build_status(
+        generation=cleanup.metadata.generation,
+        now=utc_now(),
+        outcome=str(result.outcome),
+        message=result.message,
+        plan=result.plan,
+        run=result.run,
+        history=[] if result.run is None else [result.run],
+    )
+    return json.dumps(status, indent=2, sort_keys=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deployment-cleanup",
+        description="Plan, apply and restore deployment cleanups; never archives a live build.",
+        epilog="Exit codes: 0 success, 1 error, 2 usage, 3 refused by a safety check.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-f", "--file", required=True, type=Path, help="DeploymentCleanup YAML")
+        p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        p.add_argument(
+            "--secrets-dir",
+            type=Path,
+            help="folder laid out like mounted Secrets: <dir>/<secret name>/<key>; "
+            "otherwise DEPLOYMENT_CLEANUP_SECRET_<NAME>_<KEY> variables",
+        )
+
+    p = sub.add_parser("plan", help="classify every build and record a plan; changes no build")
+    common(p)
+    p = sub.add_parser("apply", help="archive an approved plan (or resume an interrupted apply)")
+    common(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument(
+        "--plan-id", help="the plan id you approved; refused if the data changed since"
+    )
+    group.add_argument(
+        "--approve-current-plan",
+        action="store_true",
+        help="approve whatever plan is current, only if every check passes",
+    )
+    p = sub.add_parser("restore", help="return a run's archived builds to their previous status")
+    common(p)
+    p.add_argument("--run", required=True, help="the run id (see the runs command)")
+    p.add_argument("--build", action="append", help="restore only this build (repeatable)")
+    p = sub.add_parser("runs", help="list the recorded runs of a cleanup")
+    common(p)
+    p = sub.add_parser("validate", help="check a DeploymentCleanup file and exit")
+    p.add_argument("-f", "--file", required=True, type=Path)
+    p = sub.add_parser("demo", help="replay the incident on an embedded SQLite database")
+    p.add_argument(
+        "--dir", type=Path, default=Path("demo-data"), help="where the demo database goes"
+    )
+    return parser
+
+
+async def _run(
+    args: argparse.Namespace, cleanup: DeploymentCleanup, conns: Connections
+) -> RunResult:
+    progress = ProgressLine(sys.stderr)
+    try:
+        if args.command == "plan":
+            return await plan_and_record(conns, utc_now(), progress)
+        if args.command == "apply":
+            request = ApplyRequest(
+                approved_plan_id=args.plan_id, approve_current=args.approve_current_plan
+            )
+            return await apply(conns, request, progress=progress)
+        if args.command == "restore":
+            return await restore(conns, args.run, args.build, utc_now())
+        raise AssertionError(args.command)
+    finally:
+        progress.close()
+
+
+def _list_runs(conns: Connections, output: str, out: TextIO) -> None:
+    conns.store.ensure_tables()
+    runs = conns.store.list_runs(conns.cleanup.key)
+    if output == "json":
+        out.write(json.dumps([run_summary(r) for r in runs], indent=2) + "\n")
+        return
+    rows = [
+        (
+            r.id,
+            r.kind,
+            r.state,
+            r.plan_id,
+            r.candidates,
+            r.archived,
+            r.skipped,
+            r.restored,
+            r.started_at.isoformat(),
+        )
+        for r in runs
+    ]
+    header = (
+        "RUN",
+        "KIND",
+        "STATE",
+        "PLAN",
+        "CANDIDATES",
+        "ARCHIVED",
+        "SKIPPED",
+        "RESTORED",
+        "STARTED",
+    )
+    out.write("\n".join(_table(rows, header)) + "\n")
+
+
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo  # noqa: PLC0415 (the demo imports this module)
+
+        return run_demo(args.dir, out)
+    redact = Redactor()
+    say: Callable[[str], Any] = lambda text: err.write(redact(text) + "\n")  # noqa: E731
+    try:
+        cleanup = load_cleanup(args.file.read_text())
+    except OSError as exc:
+        say(f"error: cannot read {args.file}: {exc.strerror}")
+        return EXIT_ERROR
+    except SpecError as exc:
+        say(f"error: {args.file}: {exc}")
+        return EXIT_ERROR
+    if args.command == "validate":
+        out.write(f"{args.file}: valid DeploymentCleanup {cleanup.key}\n")
+        return EXIT_OK
+    try:
+        conns = connect(cleanup, EnvironmentSecrets(args.secrets_dir), redact)
+    except ConfigurationError as exc:
+        say(f"error: {exc}")
+        return EXIT_ERROR
+    try:
+        if args.command == "runs":
+            _list_runs(conns, args.output, out)
+            return EXIT_OK
+        result = asyncio.run(_run(args, cleanup, conns))
+    except (ConfigurationError, ValueError) as exc:
+        say(f"error: {exc}")
+        return EXIT_ERROR
+    except Exception as exc:  # an error must reach the user as text, never with a secret in it
+        say(f"error: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+    finally:
+        asyncio.run(conns.close())
+    out.write(
+        redact(_status_json(cleanup, result) if args.output == "json" else render_result(result))
+        + "\n"
+    )
+    return _EXIT_FOR[result.outcome]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

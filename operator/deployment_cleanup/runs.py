@@ -1,0 +1,532 @@
+"""One run end to end: scan, look up, plan, record, and (when approved) archive.
+
+The I/O pieces come in through :class:`Connections`, made once by
+:func:`connect` and closed by the caller, so the CLI and the operator share
+every step and tests can hand in real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets as random_tokens
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Engine, MetaData, Table, exists
+
+from .archive import Fence, FencingLost, LockHeld, PendingItem, RestoreResult, StateStore
+from .db import ConfigurationError, Redactor, SecretResolver, make_engine, resolve_url
+from .inventory import BuildsSchema, ProjectRow, check_not_a_standby, reflect_builds_schema
+from .planning import (
+    Build,
+    BuildId,
+    LookupReceipt,
+    Plan,
+    PlanBuilder,
+    ProjectId,
+    RouteAnswer,
+    classify_project,
+    plan_settings,
+)
+from .routing import HttpRouting, RoutingLookup, SqlRouting
+from .runstate import RunKind, RunRecord, RunState
+from .spec import DeploymentCleanup
+
+__all__ = [
+    "ApplyRequest",
+    "Connections",
+    "Outcome",
+    "Progress",
+    "RunResult",
+    "apply",
+    "connect",
+    "make_plan",
+    "new_run_id",
+    "plan_and_record",
+    "restore",
+    "utc_now",
+]
+
+LOCK_TTL = timedelta(minutes=5)
+PLAN_RUNS_WITH_ITEMS = 10
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(phase, done, total)``; total is 0 when unknown."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_run_id(now: datetime) -> str:
+    return f"r-{now:%Y%m%dT%H%M%S}-{random_tokens.token_hex(3)}"
+
+
+@dataclass
+class Connections:
+    """The engines and clients one cleanup needs; close() releases them."""
+
+    cleanup: DeploymentCleanup
+    engine: Engine
+    schema: BuildsSchema
+    store: StateStore
+    routing: RoutingLookup
+    redact: Redactor
+    # A NOT EXISTS over a routes table in the builds database itself, so the
+    # archive UPDATE re-checks routing atomically; None for other sources.
+    routes_guard: Any = None
+    _extra_engines: list[Engine] = field(default_factory=list)
+
+    async def close(self) -> None:
+        await self.routing.aclose()
+        self.engine.dispose()
+        for engine in self._extra_engines:
+            engine.dispose()
+
+
+def connect(
+    cleanup: DeploymentCleanup, secrets: SecretResolver, redact: Redactor | None = None
+) -> Connections:
+    """Resolve secrets, open engines and clients, and check the configured tables exist."""
+    redact = redact or Redactor()
+    spec = cleanup.spec
+    url = resolve_url(spec.database.url, spec.database.url_secret_ref, secrets)
+    redact.add(url)
+    engine = make_engine(url)
+    extra: list[Engine] = []
+    try:
+        schema = reflect_builds_schema(engine, spec.database)
+        store = StateStore(engine, schema)
+        routing: RoutingLookup
+        guard = None
+        if spec.routing.http is not None:
+            ref = spec.routing.http.token_secret_ref
+            token = None if ref is None else secrets.resolve(ref)
+            routing = HttpRouting(spec.routing, token, redact)
+        else:
+            sql = spec.routing.sql
+            assert sql is not None
+            if sql.url is None and sql.url_secret_ref is None:
+                routes_engine = engine
+            else:
+                routes_url = resolve_url(sql.url, sql.url_secret_ref, secrets)
+                redact.add(routes_url)
+                routes_engine = make_engine(routes_url)
+                extra.append(routes_engine)
+            routing = SqlRouting(spec.routing, routes_engine, redact)
+            if routes_engine is engine:
+                routes = Table(sql.table, MetaData(), schema=sql.db_schema, autoload_with=engine)
+                guard = exists().where(routes.c[sql.build_id] == schema.build_id)
+    except BaseException:
+        engine.dispose()
+        for e in extra:
+            e.dispose()
+        raise
+    return Connections(cleanup, engine, schema, store, routing, redact, guard, extra)
+
+
+@dataclass
+class _Unit:
+    """Whole projects whose builds are looked up together, in one or more batches."""
+
+    groups: list[tuple[ProjectId, list[Build]]]
+    tasks: list[asyncio.Task[tuple[LookupReceipt, dict[BuildId, RouteAnswer]]]]
+
+
+def _units(
+    groups: Iterator[tuple[ProjectId, list[Build]]], batch_size: int
+) -> Iterator[list[tuple[ProjectId, list[Build]]]]:
+    """Whole projects packed into units of at most ``batch_size`` builds.
+
+    A project larger than a batch gets a unit of its own, looked up in several
+    batches; a project is never split across units, so it is decided once all
+    of its answers are in.
+    """
+    unit: list[tuple[ProjectId, list[Build]]] = []
+    size = 0
+    for group in groups:
+        if unit and size + len(group[1]) > batch_size:
+            yield unit
+            unit, size = [], 0
+        unit.append(group)
+        size += len(group[1])
+    if unit:
+        yield unit
+
+
+async def make_plan(
+    conns: Connections,
+    now: datetime,
+    previous_reference_count: int | None,
+    progress: Progress | None = None,
+) -> Plan:
+    """Scan the inventory, look every build up, and decide. Writes nothing."""
+    spec = conns.cleanup.spec
+    routing = spec.routing
+    builder = PlanBuilder(
+        spec.safety,
+        plan_settings(
+            spec.retention, spec.safety, spec.database.archived_status, conns.schema.settings()
+        ),
+        previous_reference_count,
+    )
+    loop = asyncio.get_running_loop()
+    # One thread owns the scan's connection: SQLite connections refuse other threads.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inventory-scan") as scan_thread:
+        conn = await loop.run_in_executor(scan_thread, conns.engine.connect)
+        try:
+            await loop.run_in_executor(scan_thread, check_not_a_standby, conn)
+            projects: dict[ProjectId, ProjectRow] = await loop.run_in_executor(
+                scan_thread, lambda: {p.id: p for p in conns.schema.iter_projects(conn)}
+            )
+            units = _units(conns.schema.iter_project_builds(conn), routing.batch_size)
+            receipts = await _lookup_and_classify(
+                conns, builder, projects, units, scan_thread, now, progress
+            )
+        finally:
+            await loop.run_in_executor(scan_thread, conn.close)
+    return builder.finish(receipts)
+
+
+async def _lookup_and_classify(
+    conns: Connections,
+    builder: PlanBuilder,
+    projects: dict[ProjectId, ProjectRow],
+    units: Iterator[list[tuple[ProjectId, list[Build]]]],
+    scan_thread: ThreadPoolExecutor,
+    now: datetime,
+    progress: Progress | None,
+) -> list[LookupReceipt]:
+    spec = conns.cleanup.spec
+    routing = spec.routing
+    loop = asyncio.get_running_loop()
+    limit = asyncio.Semaphore(routing.concurrency)
+    receipts: list[LookupReceipt] = []
+    failed = 0
+    next_index = 0
+    looked_up = 0
+    window: deque[_Unit] = deque()
+
+    async def lookup(
+        index: int, ids: list[BuildId]
+    ) -> tuple[LookupReceipt, dict[BuildId, RouteAnswer]]:
+        nonlocal failed
+        async with limit:
+            if failed >= routing.stop_after_failed_batches:
+                return LookupReceipt(
+                    index,
+                    len(ids),
+                    False,
+                    0,
+                    0.0,
+                    f"not attempted: lookups stopped after {failed} failed batches",
+                ), {}
+            result = await conns.routing.lookup(index, ids)
+            failed += 0 if result.receipt.ok else 1
+            return result.receipt, result.answers
+
+    async def drain_one() -> None:
+        nonlocal looked_up
+        unit = window.popleft()
+        answers: dict[BuildId, RouteAnswer] = {}
+        for task in unit.tasks:
+            receipt, batch_answers = await task
+            receipts.append(receipt)
+            looked_up += receipt.size
+            answers.update(batch_answers)
+        for project_id, builds in unit.groups:
+            project = projects.get(project_id)
+            builder.add(
+                classify_project(
+                    project_id,
+                    None if project is None else project.active_build_id,
+                    project is not None,
+                    builds,
+                    answers,
+                    spec.retention,
+                    now,
+                )
+            )
+        if progress is not None:
+            progress("lookups", looked_up, 0)
+
+    while True:
+        groups = await loop.run_in_executor(scan_thread, next, units, None)
+        if groups is None:
+            break
+        ids = [b.id for _, builds in groups for b in builds]
+        tasks = []
+        for start in range(0, len(ids), routing.batch_size):
+            tasks.append(
+                asyncio.ensure_future(lookup(next_index, ids[start : start + routing.batch_size]))
+            )
+            next_index += 1
+        window.append(_Unit(groups, tasks))
+        # Bounded look-ahead keeps memory flat while the lookups run concurrently.
+        while len(window) > routing.concurrency * 2:
+            await drain_one()
+    while window:
+        await drain_one()
+    return receipts
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "Succeeded"
+    BLOCKED = "Blocked"
+    AWAITING_APPROVAL = "AwaitingApproval"
+    STOPPED = "Stopped"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outcome: Outcome
+    message: str
+    plan: Plan | None = None
+    run: RunRecord | None = None
+    restore: RestoreResult | None = None
+
+
+async def plan_and_record(
+    conns: Connections, now: datetime, progress: Progress | None = None
+) -> RunResult:
+    """Plan, and record the plan (with each candidate's evidence) in the audit store."""
+    store = conns.store
+    await asyncio.to_thread(store.ensure_tables)
+    key = conns.cleanup.key
+    previous = await asyncio.to_thread(store.last_successful_reference_count, key)
+    plan = await make_plan(conns, now, previous, progress)
+    state = RunState.PLANNED if plan.ready else RunState.BLOCKED
+    run = await asyncio.to_thread(
+        store.record_run,
+        new_run_id(now),
+        key,
+        RunKind.PLAN,
+        plan.id,
+        state,
+        plan.reference_count,
+        plan.candidates,
+        plan.message,
+        now,
+    )
+    await asyncio.to_thread(store.prune_plan_items, key, PLAN_RUNS_WITH_ITEMS)
+    outcome = Outcome.SUCCEEDED if plan.ready else Outcome.BLOCKED
+    return RunResult(outcome, plan.message, plan, run)
+
+
+@dataclass(frozen=True)
+class ApplyRequest:
+    """What the caller approved: a plan id, or (only if every check passes) whatever is current."""
+
+    approved_plan_id: str | None
+    approve_current: bool = False
+    holder: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{random_tokens.token_hex(4)}"
+    )
+    stop_requested: Callable[[], str | None] = lambda: None
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+
+async def apply(
+    conns: Connections,
+    request: ApplyRequest,
+    clock: Callable[[], datetime] = utc_now,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Archive an approved plan, resuming an interrupted apply of this cleanup first.
+
+    A new plan is computed from current data; it is archived only if it is
+    ready and its id equals the approved one. Each batch is re-checked right
+    before it is written (see StateStore.archive_batch).
+    """
+    store = conns.store
+    key = conns.cleanup.key
+    await asyncio.to_thread(store.ensure_tables)
+    unfinished = await asyncio.to_thread(store.unfinished_apply, key)
+    if unfinished is not None:
+        return await _execute(conns, unfinished, request, clock, progress, resumed=True)
+
+    now = clock()
+    previous = await asyncio.to_thread(store.last_successful_reference_count, key)
+    plan = await make_plan(conns, now, previous, progress)
+    run_id = new_run_id(now)
+    if not plan.ready:
+        run = await asyncio.to_thread(
+            store.record_run,
+            run_id,
+            key,
+            RunKind.APPLY,
+            plan.id,
+            RunState.BLOCKED,
+            plan.reference_count,
+            plan.candidates,
+            plan.message,
+            now,
+        )
+        return RunResult(Outcome.BLOCKED, plan.message, plan, run)
+    approved = request.approved_plan_id
+    if not request.approve_current and approved != plan.id:
+        if approved is None:
+            message = f"plan {plan.id} is ready and waits for approval of that id"
+        else:
+            message = (
+                f"the approved plan {approved} no longer matches the data: the current plan is "
+                f"{plan.id}, which needs its own approval; nothing was archived"
+            )
+        run = await asyncio.to_thread(
+            store.record_run,
+            run_id,
+            key,
+            RunKind.PLAN,
+            plan.id,
+            RunState.PLANNED,
+            plan.reference_count,
+            plan.candidates,
+            message,
+            now,
+        )
+        return RunResult(Outcome.AWAITING_APPROVAL, message, plan, run)
+    if not plan.candidates:
+        run = await asyncio.to_thread(
+            store.record_run,
+            run_id,
+            key,
+            RunKind.APPLY,
+            plan.id,
+            RunState.SUCCEEDED,
+            plan.reference_count,
+            plan.candidates,
+            plan.message,
+            now,
+        )
+        return RunResult(Outcome.SUCCEEDED, plan.message, plan, run)
+    run = await asyncio.to_thread(
+        store.record_run,
+        run_id,
+        key,
+        RunKind.APPLY,
+        plan.id,
+        RunState.APPLYING,
+        plan.reference_count,
+        plan.candidates,
+        "applying",
+        now,
+    )
+    result = await _execute(conns, run, request, clock, progress, resumed=False)
+    return RunResult(result.outcome, result.message, plan, result.run)
+
+
+async def _recheck_routing(
+    conns: Connections, batch: list[PendingItem]
+) -> tuple[set[str], str | None]:
+    """A fresh routing lookup for one batch: (ids routed now, error or None)."""
+    if conns.routes_guard is not None:
+        return set(), None  # checked inside the UPDATE itself
+    ids = [conns.schema.coerce_build_id(i.build_id) for i in batch]
+    result = await conns.routing.lookup(-1, ids)
+    if not result.receipt.ok:
+        return set(), result.receipt.error
+    return {str(b) for b, answer in result.answers.items() if answer.routed}, None
+
+
+async def _execute(
+    conns: Connections,
+    run: RunRecord,
+    request: ApplyRequest,
+    clock: Callable[[], datetime],
+    progress: Progress | None,
+    *,
+    resumed: bool,
+) -> RunResult:
+    store = conns.store
+    execution = conns.cleanup.spec.execution
+    try:
+        fence: Fence = await asyncio.to_thread(
+            store.acquire_lock, conns.cleanup.key, request.holder, LOCK_TTL, clock()
+        )
+    except LockHeld as exc:
+        return RunResult(Outcome.STOPPED, f"not applying: {exc}", run=run)
+    state, message = RunState.SUCCEEDED, ""
+    first = not resumed and run.archived == 0 and run.skipped == 0
+    try:
+        while True:
+            reason = request.stop_requested()
+            if reason is not None:
+                state, message = RunState.STOPPED, f"stopped before a batch: {reason}"
+                break
+            size = execution.canary_batch_size if first else execution.batch_size
+            batch = await asyncio.to_thread(store.pending_items, run.id, size)
+            if not batch:
+                break
+            routed_now, error = await _recheck_routing(conns, batch)
+            if error is not None:
+                state, message = (
+                    RunState.STOPPED,
+                    f"the re-check lookup failed, nothing more archived: {error}",
+                )
+                break
+            result = await asyncio.to_thread(
+                store.archive_batch,
+                run.id,
+                batch,
+                routed_now=routed_now,
+                fence=fence,
+                now=clock(),
+                routes_guard=conns.routes_guard,
+            )
+            current = await asyncio.to_thread(store.get_run, run.id)
+            assert current is not None
+            if progress is not None:
+                progress("archive", current.archived + current.skipped, current.candidates)
+            if first and result.skipped:
+                state = RunState.STOPPED
+                message = (
+                    f"the canary batch skipped {len(result.skipped)} builds that changed since "
+                    "the plan; stopped so a fresh plan can be made"
+                )
+                break
+            first = False
+            pause = execution.pause_between_batches.total_seconds()
+            if pause:
+                await request.sleep(pause)
+    except FencingLost as exc:
+        return RunResult(
+            Outcome.STOPPED, str(exc), run=await asyncio.to_thread(store.get_run, run.id)
+        )
+    final = await asyncio.to_thread(store.get_run, run.id)
+    assert final is not None
+    if state is RunState.SUCCEEDED:
+        message = (
+            f"{'resumed and ' if resumed else ''}archived {final.archived} builds, "
+            f"skipped {final.skipped} that changed since the plan"
+        )
+    await asyncio.to_thread(store.finish_run, run.id, state, message, clock())
+    await asyncio.to_thread(store.release_lock, fence, clock())
+    final = await asyncio.to_thread(store.get_run, run.id)
+    outcome = Outcome.SUCCEEDED if state is RunState.SUCCEEDED else Outcome.STOPPED
+    return RunResult(outcome, message, run=final)
+
+
+async def restore(
+    conns: Connections, run_id: str, build_ids: list[str] | None, now: datetime
+) -> RunResult:
+    """Put a run's archived builds (or the chosen ones) back to their previous status."""
+    store = conns.store
+    await asyncio.to_thread(store.ensure_tables)
+    run = await asyncio.to_thread(store.get_run, run_id)
+    if run is None or run.cleanup != conns.cleanup.key:
+        raise ConfigurationError(f"no run {run_id!r} of cleanup {conns.cleanup.key}")
+    result = await asyncio.to_thread(store.restore, run_id, build_ids, now)
+    message = f"restored {result.restored} builds of run {run_id}"
+    if result.already_restored:
+        message += f"; {result.already_restored} were already restored"
+    if result.conflicts:
+        message += f"; {len(result.conflicts)} were changed by someone else and left alone"
+    final = await asyncio.to_thread(store.get_run, run_id)
+    return RunResult(Outcome.SUCCEEDED, message, run=final, restore=result)
