@@ -331,7 +331,7 @@ def main(
         say(f"error: {type(exc).__name__}: {exc}")
         return EXIT_ERROR
     finally:
-        asyncio.run(conns.close())
+        conns.close()
     out.write(
         redact(_status_json(cleanup, result) if args.output == "json" else render_result(result))
         + "\n"

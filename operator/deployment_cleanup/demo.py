@@ -135,7 +135,7 @@ async def _replay(directory: Path, out: TextIO) -> bool:
             out.write(render_result(restored) + "\n")
             ok &= _archived(engine) == 0
         finally:
-            await conns.close()
+            conns.close()
     out.write(
         "\nTry it yourself:\n"
         f"  deployment-cleanup plan -f {manifest}\n"

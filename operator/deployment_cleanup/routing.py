@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import httpx
 from sqlalchemy import Engine, MetaData, Table, select, text
@@ -53,13 +53,17 @@ class BatchResult:
 
 
 class RoutingLookup(Protocol):
+    """A routing source. Use it inside ``async with``: clients live as long as one run."""
+
     source: str
 
     async def lookup(self, index: int, ids: Sequence[BuildId]) -> BatchResult:
         """Answer for every id, or a failed receipt and no answers. Never raises."""
         ...
 
-    async def aclose(self) -> None: ...
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
 
 
 class _Retryable(Exception):
@@ -147,6 +151,7 @@ async def _with_retries(
                 except _Retryable as exc:
                     error = str(exc)
                     if attempts >= retries.max_attempts:
+                        error = f"failed {attempts} attempts, the last with {error}"
                         break
                     backoff = min(
                         retries.initial_backoff.total_seconds() * 2 ** (attempts - 1),
@@ -198,24 +203,52 @@ class HttpRouting:
         if token is not None:
             redact.add(token)
             self._headers[http.token_header] = http.token_prefix + token
-        connect = routing.connect_timeout.total_seconds()
-        read = routing.read_timeout.total_seconds()
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
-            limits=httpx.Limits(
-                max_connections=routing.concurrency, max_keepalive_connections=routing.concurrency
-            ),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._connect_timeout = routing.connect_timeout.total_seconds()
+        self._read_timeout = routing.read_timeout.total_seconds()
+        self._client: httpx.AsyncClient | None = None
+        self._users = 0
+
+    async def __aenter__(self) -> Self:
+        # One client per run, shared by every batch; it belongs to the run's event loop.
+        if self._users == 0:
+            connect, read = self._connect_timeout, self._read_timeout
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
+                limits=httpx.Limits(
+                    max_connections=self._routing.concurrency,
+                    max_keepalive_connections=self._routing.concurrency,
+                ),
+                follow_redirects=False,
+                trust_env=False,
+            )
+        self._users += 1
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._users -= 1
+        if self._users == 0 and self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
 
     async def _attempt(
         self, wire_ids: list[str], by_wire: dict[str, BuildId], index: int
     ) -> dict[BuildId, RouteAnswer]:
+        if self._client is None:
+            raise RuntimeError(
+                "HttpRouting.lookup() must run inside 'async with' the routing source"
+            )
         try:
             response = await self._client.post(
                 self._http.url, json={"ids": wire_ids}, headers=self._headers
             )
+        except httpx.ReadTimeout:
+            raise _Retryable(
+                f"ReadTimeout: no data within the {self._read_timeout:g}s read timeout"
+            ) from None
+        except httpx.ConnectTimeout:
+            raise _Retryable(
+                f"ConnectTimeout: not connected within {self._connect_timeout:g}s"
+            ) from None
         except httpx.TransportError as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
         status = response.status_code
@@ -243,9 +276,6 @@ class HttpRouting:
             redact=self._redact,
             sleep=self._sleep,
         )
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
 
 
 class SqlRouting:
@@ -318,5 +348,8 @@ class SqlRouting:
             sleep=asyncio.sleep,
         )
 
-    async def aclose(self) -> None:
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         return None

@@ -70,7 +70,11 @@ def new_run_id(now: datetime) -> str:
 
 @dataclass
 class Connections:
-    """The engines and clients one cleanup needs; close() releases them."""
+    """The engines and the routing source one cleanup needs; close() releases the engines.
+
+    HTTP clients live only inside ``async with conns.routing`` (one run), since
+    they belong to the event loop that runs them.
+    """
 
     cleanup: DeploymentCleanup
     engine: Engine
@@ -83,8 +87,7 @@ class Connections:
     routes_guard: Any = None
     _extra_engines: list[Engine] = field(default_factory=list)
 
-    async def close(self) -> None:
-        await self.routing.aclose()
+    def close(self) -> None:
         self.engine.dispose()
         for engine in self._extra_engines:
             engine.dispose()
@@ -186,9 +189,10 @@ async def make_plan(
                 scan_thread, lambda: {p.id: p for p in conns.schema.iter_projects(conn)}
             )
             units = _units(conns.schema.iter_project_builds(conn), routing.batch_size)
-            receipts = await _lookup_and_classify(
-                conns, builder, projects, units, scan_thread, now, progress
-            )
+            async with conns.routing:
+                receipts = await _lookup_and_classify(
+                    conns, builder, projects, units, scan_thread, now, progress
+                )
         finally:
             await loop.run_in_executor(scan_thread, conn.close)
     return builder.finish(receipts)
@@ -345,6 +349,16 @@ async def apply(
     ready and its id equals the approved one. Each batch is re-checked right
     before it is written (see StateStore.archive_batch).
     """
+    async with conns.routing:
+        return await _apply(conns, request, clock, progress)
+
+
+async def _apply(
+    conns: Connections,
+    request: ApplyRequest,
+    clock: Callable[[], datetime],
+    progress: Progress | None,
+) -> RunResult:
     store = conns.store
     key = conns.cleanup.key
     await asyncio.to_thread(store.ensure_tables)
@@ -453,7 +467,8 @@ async def _execute(
     except LockHeld as exc:
         return RunResult(Outcome.STOPPED, f"not applying: {exc}", run=run)
     state, message = RunState.SUCCEEDED, ""
-    first = not resumed and run.archived == 0 and run.skipped == 0
+    # The canary goes first whenever nothing was written yet, resumed or not.
+    first = run.archived == 0 and run.skipped == 0
     try:
         while True:
             reason = request.stop_requested()
