@@ -14,9 +14,9 @@ from typing import TextIO
 
 from sqlalchemy import Engine, create_engine, func, select
 
-from .cli import render_result
 from .db import EnvironmentSecrets
 from .demo_routing import DemoRoutingServer
+from .report import render_result
 from .runs import ApplyRequest, Outcome, apply, connect, plan_and_record, restore, utc_now
 from .seed import reference_tables, seed_inventory
 from .spec import API_VERSION, KIND, load_cleanup

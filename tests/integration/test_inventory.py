@@ -1,0 +1,79 @@
+"""Reading the builds database: keyset streaming, schema checks, refusing a standby."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from deployment_cleanup.db import ConfigurationError
+from deployment_cleanup.inventory import check_not_a_standby, reflect_builds_schema
+from deployment_cleanup.spec import DatabaseSpec
+from tests.support.inventory import seed
+from tests.support.postgres import PostgresServer
+
+
+@pytest.mark.parametrize("page_size", [1, 7, 5000], ids=["page-1", "page-7", "page-5000"])
+def test_keyset_scan_yields_every_unarchived_build_once_grouped_by_project(
+    database_url: str, page_size: int
+) -> None:
+    seeded = seed(database_url, projects=23)
+    with seeded.engine.begin() as conn:
+        conn.execute(text("UPDATE builds SET status = 'archived' WHERE id % 5 = 0"))
+    schema = reflect_builds_schema(seeded.engine, DatabaseSpec(url=database_url))
+    with seeded.engine.connect() as conn:
+        groups = list(schema.iter_project_builds(conn, page_size=page_size))
+        projects = list(schema.iter_projects(conn, page_size=page_size))
+    seen = [b.id for _, builds in groups for b in builds]
+    expected = {b for b, s in seeded.statuses().items() if s != "archived"}
+    assert sorted(seen) == sorted(expected)
+    assert len(seen) == len(set(seen))
+    assert [p for p, _ in groups] == sorted({p for p, _ in groups})  # each project once, in order
+    assert all(b.project_id == p for p, builds in groups for b in builds)
+    assert len(projects) == 23
+    assert all(
+        b.created_at is not None and b.created_at.tzinfo is not None for _, bs in groups for b in bs
+    )
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        pytest.param(
+            {"builds": {"table": "deployments"}},
+            "spec.database.builds.table: table 'deployments'",
+            id="table",
+        ),
+        pytest.param(
+            {"builds": {"status": "state"}},
+            "spec.database.builds.status: column 'state'",
+            id="column",
+        ),
+        pytest.param(
+            {"projects": {"activeBuildId": "live_build"}},
+            "spec.database.projects.activeBuildId",
+            id="proj",
+        ),
+    ],
+)
+def test_missing_tables_and_columns_are_named_by_their_spec_field(
+    sqlite_url: str, mapping: dict[str, object], message: str
+) -> None:
+    seed(sqlite_url, projects=2)
+    engine = create_engine(sqlite_url, poolclass=NullPool)
+    with pytest.raises(ConfigurationError, match=message):
+        reflect_builds_schema(engine, DatabaseSpec.model_validate({"url": sqlite_url, **mapping}))
+
+
+@pytest.mark.postgres
+def test_a_postgres_standby_is_refused(local_postgres_server: PostgresServer) -> None:
+    standby = local_postgres_server.create_standby()
+    for server, is_standby in ((local_postgres_server, False), (standby, True)):
+        engine = create_engine(server.url("postgres"), poolclass=NullPool)
+        with engine.connect() as conn:
+            if is_standby:
+                with pytest.raises(ConfigurationError, match="standby"):
+                    check_not_a_standby(conn)
+            else:
+                check_not_a_standby(conn)
+    standby.close()
