@@ -30,7 +30,7 @@ from .runs import (
     restore,
     utc_now,
 )
-from .spec import DeploymentCleanup, SpecError, load_cleanup
+from .spec import ApprovalMode, DeploymentCleanup, SpecError, load_cleanup
 from .status import build_status, run_summary
 
 __all__ = ["EXIT_BLOCKED", "EXIT_ERROR", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     p = sub.add_parser("apply", help="archive an approved plan (or resume an interrupted apply)")
     common(p)
-    group = p.add_mutually_exclusive_group(required=True)
+    group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--plan-id", help="the plan id you approved; refused if the data changed since"
     )
@@ -144,15 +144,27 @@ async def _run(
         if args.command == "plan":
             return await plan_and_record(conns, utc_now(), progress)
         if args.command == "apply":
-            request = ApplyRequest(
-                approved_plan_id=args.plan_id, approve_current=args.approve_current_plan
-            )
+            request = _approval(cleanup, args.plan_id, args.approve_current_plan)
             return await apply(conns, request, progress=progress)
         if args.command == "restore":
             return await restore(conns, args.run, args.build, utc_now())
         raise AssertionError(args.command)
     finally:
         progress.close()
+
+
+def _approval(
+    cleanup: DeploymentCleanup, plan_id: str | None, approve_current: bool
+) -> ApplyRequest:
+    """The flags win; without them, the spec's approval applies, as it does in the operator."""
+    if plan_id is not None or approve_current:
+        return ApplyRequest(approved_plan_id=plan_id, approve_current=approve_current)
+    approval = cleanup.spec.approval
+    return ApplyRequest(
+        approved_plan_id=approval.approved_plan_id,
+        approve_current=approval.approved_plan_id is None
+        and approval.mode is ApprovalMode.AUTOMATIC,
+    )
 
 
 def _list_runs(conns: Connections, output: str, out: TextIO) -> None:

@@ -125,8 +125,21 @@ def test_missing_file_and_usage_errors(tmp_path: Path) -> None:
     assert code == EXIT_ERROR
     assert "cannot read" in err
     with pytest.raises(SystemExit) as usage:
-        cli("apply", "-f", tmp_path / "nope.yaml")  # neither --plan-id nor --approve-current-plan
+        cli("apply", "-f", tmp_path / "nope.yaml", "--plan-id", "p-1", "--approve-current-plan")
     assert usage.value.code == 2
+
+
+def test_apply_without_flags_follows_the_spec_approval(world: Seeded, tmp_path: Path) -> None:
+    doc = _doc(world.url)
+    code, out, _ = cli("apply", "-f", _write(tmp_path, doc))
+    assert code == EXIT_BLOCKED
+    assert "waits for approval" in out
+    assert world.archived() == set()
+    code, out, _ = cli("plan", "-f", _write(tmp_path, doc), "-o", "json")
+    doc["spec"]["approval"] = {"approvedPlanId": json.loads(out)["plan"]["id"]}
+    code, out, _ = cli("apply", "-f", _write(tmp_path, doc))
+    assert code == EXIT_OK
+    assert world.archived() == world.expected_candidates()
 
 
 def test_secret_values_never_reach_the_output(
