@@ -384,6 +384,21 @@ async def _apply(
             now,
         )
         return RunResult(Outcome.BLOCKED, plan.message, plan, run)
+    # Nothing to archive needs no approval: an applied plan's successor is usually empty.
+    if not plan.candidates:
+        run = await asyncio.to_thread(
+            store.record_run,
+            run_id,
+            key,
+            RunKind.APPLY,
+            plan.id,
+            RunState.SUCCEEDED,
+            plan.reference_count,
+            plan.candidates,
+            plan.message,
+            now,
+        )
+        return RunResult(Outcome.SUCCEEDED, plan.message, plan, run)
     approved = request.approved_plan_id
     if not request.approve_current and approved != plan.id:
         if approved is None:
@@ -406,20 +421,6 @@ async def _apply(
             now,
         )
         return RunResult(Outcome.AWAITING_APPROVAL, message, plan, run)
-    if not plan.candidates:
-        run = await asyncio.to_thread(
-            store.record_run,
-            run_id,
-            key,
-            RunKind.APPLY,
-            plan.id,
-            RunState.SUCCEEDED,
-            plan.reference_count,
-            plan.candidates,
-            plan.message,
-            now,
-        )
-        return RunResult(Outcome.SUCCEEDED, plan.message, plan, run)
     run = await asyncio.to_thread(
         store.record_run,
         run_id,

@@ -43,6 +43,8 @@ __all__ = [
     "HttpRoutingSpec",
     "Metadata",
     "Mode",
+    "NotificationsSpec",
+    "NotifyOn",
     "ProjectsTable",
     "ReferenceSetSpec",
     "RetentionSpec",
@@ -54,6 +56,7 @@ __all__ = [
     "SpecError",
     "SpecProblem",
     "SqlRoutingSpec",
+    "WebhookSpec",
     "format_duration",
     "load_cleanup",
     "parse_cleanup",
@@ -348,6 +351,26 @@ class ScheduleSpec(_Model):
     starting_deadline: Duration = timedelta(hours=1)
 
 
+class NotifyOn(StrEnum):
+    BLOCKED = "Blocked"
+    FAILED = "Failed"
+    APPLIED = "Applied"
+
+
+class WebhookSpec(_Model):
+    """A Slack-compatible incoming webhook: POST {"text": ...}."""
+
+    url_secret_ref: SecretKeyRef
+    on: Annotated[
+        tuple[Annotated[NotifyOn, Field(strict=False)], ...],
+        Field(strict=False, min_length=1, max_length=3),
+    ] = (NotifyOn.BLOCKED, NotifyOn.FAILED, NotifyOn.APPLIED)
+
+
+class NotificationsSpec(_Model):
+    webhook: WebhookSpec | None = None
+
+
 class CleanupSpec(_Model):
     mode: Annotated[Mode, Field(strict=False)] = Mode.PLAN
     database: DatabaseSpec
@@ -357,6 +380,7 @@ class CleanupSpec(_Model):
     execution: ExecutionSpec = ExecutionSpec()
     approval: ApprovalSpec = ApprovalSpec()
     schedule: ScheduleSpec | None = None
+    notifications: NotificationsSpec = NotificationsSpec()
 
 
 class Metadata(BaseModel):

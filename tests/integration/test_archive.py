@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import insert, update
 
 from deployment_cleanup.archive import FencingLost, LockHeld
+from deployment_cleanup.planning import VerdictReason
 from deployment_cleanup.runs import (
     ApplyRequest,
     Outcome,
@@ -246,9 +247,13 @@ def test_rerunning_an_apply_changes_nothing_more(
     conns = connections(_cleanup(seeded))
     first = run(apply(conns, ApplyRequest(approved_plan_id=None, approve_current=True)))
     assert first.outcome is Outcome.SUCCEEDED
+    assert first.plan is not None
     after_first = seeded.statuses()
-    second = run(apply(conns, ApplyRequest(approved_plan_id=first.plan.id)))  # type: ignore[union-attr]
-    assert second.outcome is Outcome.AWAITING_APPROVAL  # the data changed: the old id is stale
+    second = run(apply(conns, ApplyRequest(approved_plan_id=first.plan.id)))
+    # The old id is stale now, but what is left needs no approval: nothing is eligible.
+    assert second.outcome is Outcome.SUCCEEDED
+    assert second.plan is not None
+    assert second.plan.reason is VerdictReason.NOTHING_TO_ARCHIVE
     assert seeded.statuses() == after_first
 
 
