@@ -69,6 +69,7 @@ class Fence:
     name: str
     holder: str
     token: int
+    ttl: timedelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +348,7 @@ class StateStore:
         todo = [b for b in batch if b.build_id not in routed_now]
         archived: list[str] = []
         with self.engine.begin() as conn:
-            self._check_fence(conn, fence)
+            self._check_fence(conn, fence, now)
             by_status: dict[str, list[PendingItem]] = {}
             for item in todo:
                 by_status.setdefault(item.previous_status, []).append(item)
@@ -460,7 +461,7 @@ class StateStore:
                         )
                 except IntegrityError:
                     raise LockHeld(f"another process took the lock {name!r} just now") from None
-                return Fence(name, holder, 1)
+                return Fence(name, holder, 1, ttl)
             if row.holder != holder and aware_utc(row.expires_at) > now:
                 until = aware_utc(row.expires_at).isoformat()
                 raise LockHeld(f"lock {name!r} is held by {row.holder} until {until}")
@@ -472,11 +473,11 @@ class StateStore:
             )
             if result.rowcount != 1:
                 raise LockHeld(f"another process took the lock {name!r} just now")
-            return Fence(name, holder, token)
+            return Fence(name, holder, token, ttl)
 
-    def _check_fence(self, conn: Connection, fence: Fence) -> None:
-        # A no-op UPDATE: it matches only while our token is current, and on
-        # PostgreSQL it row-locks the lease until this batch commits.
+    def _check_fence(self, conn: Connection, fence: Fence, now: datetime) -> None:
+        # Matches only while our token is current, and renews the lease; on
+        # PostgreSQL it also row-locks the lease until this batch commits.
         result = conn.execute(
             update(self.locks)
             .where(
@@ -484,26 +485,13 @@ class StateStore:
                 self.locks.c.token == fence.token,
                 self.locks.c.holder == fence.holder,
             )
-            .values(token=self.locks.c.token)
+            .values(expires_at=now + fence.ttl)
         )
         if result.rowcount != 1:
             raise FencingLost(
                 f"the lock {fence.name!r} was taken over (our token {fence.token} is stale); "
                 "stopping without writing"
             )
-
-    def renew_lock(self, fence: Fence, ttl: timedelta, now: datetime) -> None:
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(self.locks)
-                .where(
-                    self.locks.c.name == fence.name,
-                    self.locks.c.token == fence.token,
-                )
-                .values(expires_at=now + ttl)
-            )
-            if result.rowcount != 1:
-                raise FencingLost(f"the lock {fence.name!r} was taken over")
 
     def release_lock(self, fence: Fence, now: datetime) -> None:
         with self.engine.begin() as conn:

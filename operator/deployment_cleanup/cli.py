@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,7 +59,7 @@ class ProgressLine:
         self.enabled = stream.isatty()
         self.shown = False
 
-    def __call__(self, phase: str, done: int, total: int) -> None:
+    def __call__(self, phase: str, done: int, total: int, run_id: str | None) -> None:
         if not self.enabled:
             return
         if total:
@@ -129,6 +131,25 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     p = sub.add_parser("validate", help="check a DeploymentCleanup file and exit")
     p.add_argument("-f", "--file", required=True, type=Path)
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf) in the foreground")
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument(
+        "-n", "--namespace", action="append", help="watch this namespace (repeatable)"
+    )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    p.add_argument("--standalone", action="store_true", help="no peering: for one replica only")
+    p.add_argument("--peering", default="deployment-cleanup", help="kopf peering object name")
+    p.add_argument("--priority", type=int, default=0, help="peering priority: the highest one acts")
+    p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf health endpoint")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (0: off; default 8080)")
+    p.add_argument(
+        "--identity", help="this replica's name in the archive lock (default: host name)"
+    )
+    p.add_argument(
+        "--tick-seconds", type=float, help="reconcile interval per resource (default 15)"
+    )
+    p.add_argument("--kill-switch", metavar="NAMESPACE/NAME", help="the kill-switch ConfigMap")
+    p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("demo", help="replay the incident on an embedded SQLite database")
     p.add_argument(
         "--dir", type=Path, default=Path("demo-data"), help="where the demo database goes"
@@ -201,6 +222,38 @@ def _list_runs(conns: Connections, output: str, out: TextIO) -> None:
     out.write("\n".join(table(rows, header)) + "\n")
 
 
+def _run_operator(args: argparse.Namespace) -> int:
+    """Settings go through the environment, where OperatorConfig reads them at import."""
+    env = {
+        "DEPLOYMENT_CLEANUP_METRICS_PORT": args.metrics_port,
+        "DEPLOYMENT_CLEANUP_IDENTITY": args.identity,
+        "DEPLOYMENT_CLEANUP_TICK_SECONDS": args.tick_seconds,
+    }
+    if args.kill_switch:
+        namespace, _, name = args.kill_switch.partition("/")
+        env |= {
+            "DEPLOYMENT_CLEANUP_KILL_SWITCH_NAMESPACE": namespace,
+            "DEPLOYMENT_CLEANUP_KILL_SWITCH_NAME": name,
+        }
+    os.environ.update({k: str(v) for k, v in env.items() if v is not None})
+    import kopf  # noqa: PLC0415 (only the operator needs kopf installed)
+
+    from . import handlers  # noqa: F401, PLC0415 (registers the handlers with kopf)
+
+    kopf.configure(verbose=args.verbose)
+    if not args.verbose:  # one line per timer tick is noise; failures still show
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    kopf.run(
+        standalone=args.standalone,
+        peering_name=None if args.standalone else args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.liveness,
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace or (),
+    )
+    return EXIT_OK
+
+
 def main(
     argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -209,6 +262,8 @@ def main(
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return run_demo(args.dir, out)
+    if args.command == "operator":
+        return _run_operator(args)
     redact = Redactor()
     say: Callable[[str], Any] = lambda text: err.write(redact(text) + "\n")  # noqa: E731
     try:

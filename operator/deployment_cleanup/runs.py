@@ -56,8 +56,8 @@ __all__ = [
 LOCK_TTL = timedelta(minutes=5)
 PLAN_RUNS_WITH_ITEMS = 10
 
-Progress = Callable[[str, int, int], None]
-"""Called as ``progress(phase, done, total)``; total is 0 when unknown."""
+Progress = Callable[[str, int, int, str | None], None]
+"""Called as ``progress(phase, done, total, run_id)``; total is 0 when unknown."""
 
 
 def utc_now() -> datetime:
@@ -258,7 +258,7 @@ async def _lookup_and_classify(
                 )
             )
         if progress is not None:
-            progress("lookups", looked_up, 0)
+            progress("lookups", looked_up, 0, None)
 
     while True:
         groups = await loop.run_in_executor(scan_thread, next, units, None)
@@ -499,7 +499,8 @@ async def _execute(
             current = await asyncio.to_thread(store.get_run, run.id)
             assert current is not None
             if progress is not None:
-                progress("archive", current.archived + current.skipped, current.candidates)
+                done = current.archived + current.skipped
+                progress("archive", done, current.candidates, current.id)
             if first and result.skipped:
                 state = RunState.STOPPED
                 message = (

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .planning import Plan, Verdict
-from .runstate import RunRecord, RunState
+from .runstate import RunKind, RunRecord, RunState
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -21,6 +21,7 @@ __all__ = [
     "build_status",
     "condition",
     "plan_summary",
+    "ready_reason",
     "run_summary",
     "timestamp",
 ]
@@ -132,6 +133,15 @@ def condition(
     }
 
 
+def ready_reason(outcome: str, plan: Plan | None, run: RunRecord | None) -> str:
+    """The most telling CamelCase reason for the Ready condition (the REASON column)."""
+    if outcome == "Succeeded" and run is not None and run.kind is RunKind.APPLY:
+        return "Applied"
+    if outcome in ("Succeeded", "Blocked") and plan is not None:
+        return str(plan.reason)
+    return outcome
+
+
 def build_status(
     *,
     generation: int,
@@ -153,7 +163,13 @@ def build_status(
     old_conditions = list(old.get("conditions") or [])
     conditions = [
         condition(
-            "Ready", outcome == "Succeeded", outcome, message, now, generation, old_conditions
+            "Ready",
+            outcome == "Succeeded",
+            ready_reason(outcome, plan, run),
+            message,
+            now,
+            generation,
+            old_conditions,
         )
     ]
     if plan is not None:

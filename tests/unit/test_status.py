@@ -84,7 +84,7 @@ def test_conditions_say_why_a_run_was_blocked() -> None:
     )
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Ready"]["status"] == "False"
-    assert conditions["Ready"]["reason"] == "Blocked"
+    assert conditions["Ready"]["reason"] == "LookupsIncomplete"
     assert conditions["LookupsComplete"] == conditions["LookupsComplete"] | {
         "status": "False",
         "reason": "LookupsIncomplete",
