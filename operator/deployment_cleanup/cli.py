@@ -48,6 +48,7 @@ _EXIT_FOR = {
     Outcome.AWAITING_APPROVAL: EXIT_BLOCKED,
     Outcome.STOPPED: EXIT_BLOCKED,
     Outcome.FAILED: EXIT_ERROR,
+    Outcome.BUSY: EXIT_BLOCKED,
 }
 
 

@@ -145,6 +145,10 @@ class Controller:
         finally:
             if conns is not None:
                 conns.close()
+        if result.outcome is Outcome.BUSY:
+            # Another replica holds the archive lock and reports its own run.
+            logger.info("%s: %s", cleanup.key, redact(result.message))
+            return
         RUN_DURATION.labels(**labels).observe(time.monotonic() - started)
         await self._report(cleanup, step, status, result, history, redact, post, labels)
 

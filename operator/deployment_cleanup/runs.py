@@ -286,6 +286,8 @@ class Outcome(StrEnum):
     AWAITING_APPROVAL = "AwaitingApproval"
     STOPPED = "Stopped"
     FAILED = "Failed"
+    # Another process holds this cleanup's archive lock and is doing the work.
+    BUSY = "Busy"
 
 
 @dataclass(frozen=True)
@@ -466,7 +468,7 @@ async def _execute(
             store.acquire_lock, conns.cleanup.key, request.holder, LOCK_TTL, clock()
         )
     except LockHeld as exc:
-        return RunResult(Outcome.STOPPED, f"not applying: {exc}", run=run)
+        return RunResult(Outcome.BUSY, f"not applying: {exc}", run=run)
     state, message = RunState.SUCCEEDED, ""
     # The canary goes first whenever nothing was written yet, resumed or not.
     first = run.archived == 0 and run.skipped == 0
@@ -513,9 +515,8 @@ async def _execute(
             if pause:
                 await request.sleep(pause)
     except FencingLost as exc:
-        return RunResult(
-            Outcome.STOPPED, str(exc), run=await asyncio.to_thread(store.get_run, run.id)
-        )
+        # Whoever took the lease over finishes this run; this process just stops writing.
+        return RunResult(Outcome.BUSY, str(exc), run=await asyncio.to_thread(store.get_run, run.id))
     final = await asyncio.to_thread(store.get_run, run.id)
     assert final is not None
     if state is RunState.SUCCEEDED:

@@ -293,7 +293,7 @@ def test_apply_refuses_while_another_process_holds_the_lease(
     conns.store.acquire_lock(conns.cleanup.key, "other-replica", timedelta(minutes=5), utc_now())
     before = seeded.statuses()
     result = run(apply(conns, ApplyRequest(approved_plan_id=None)))
-    assert result.outcome is Outcome.STOPPED
+    assert result.outcome is Outcome.BUSY
     assert "other-replica" in result.message
     assert seeded.statuses() == before
 
