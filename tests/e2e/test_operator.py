@@ -28,6 +28,7 @@ from tests.support.operator import (
     wait_for,
 )
 from tests.support.routing_server import RoutingServer
+from tests.support.webhook import WebhookReceiver
 
 TABLES = reference_tables()
 
@@ -169,26 +170,32 @@ def test_failed_lookup_batch_blocks_with_condition_event_and_metric(
 ) -> None:
     cluster.secret("builds-db", url=builds.url)
     before = builds.statuses()
-    with RoutingServer() as routing:
+    with RoutingServer() as routing, WebhookReceiver() as webhook:
+        cluster.secret("slack", url=webhook.url)
         routing.set_routed(str(b) for b in builds.live())
         target = str(builds.inventory.active[20])
         routing.add_fault("hang", match=lambda ids: target in ids)
+        routing_spec = {
+            "http": {"url": routing.url},
+            "batchSize": 50,
+            "readTimeout": "300ms",
+            "batchDeadline": "1s",
+            "retries": {"maxAttempts": 1},
+        }
+        notifications = {"webhook": {"urlSecretRef": {"name": "slack", "key": "url"}}}
         cluster.apply(
             cleanup_resource(
                 spec(
                     mode="Apply",
                     approval={"mode": "Automatic"},
-                    routing={
-                        "http": {"url": routing.url},
-                        "batchSize": 50,
-                        "readTimeout": "300ms",
-                        "batchDeadline": "1s",
-                        "retries": {"maxAttempts": 1},
-                    },
+                    routing=routing_spec,
+                    notifications=notifications,
                 )
             )
         )
         status = wait_for(lambda: reconciled(cluster), what="a blocked run")
+        notes = wait_for(lambda: webhook.messages, what="a webhook notification")
+    assert notes[0]["text"].startswith(f"{cluster.namespace}/nightly: Blocked:")
     assert status["plan"]["verdict"] == "Blocked"
     assert status["plan"]["lookups"]["failed"] == 1
     assert cluster.condition("LookupsComplete")["reason"] == "LookupsIncomplete"
