@@ -309,21 +309,34 @@ async def plan_and_record(
     previous = await asyncio.to_thread(store.last_successful_reference_count, key)
     plan = await make_plan(conns, now, previous, progress)
     state = RunState.PLANNED if plan.ready else RunState.BLOCKED
-    run = await asyncio.to_thread(
+    run = await _record(store, new_run_id(now), key, RunKind.PLAN, plan, state, plan.message, now)
+    await asyncio.to_thread(store.prune_plan_items, key, PLAN_RUNS_WITH_ITEMS)
+    outcome = Outcome.SUCCEEDED if plan.ready else Outcome.BLOCKED
+    return RunResult(outcome, plan.message, plan, run)
+
+
+async def _record(
+    store: StateStore,
+    run_id: str,
+    cleanup: str,
+    kind: RunKind,
+    plan: Plan,
+    state: RunState,
+    message: str,
+    now: datetime,
+) -> RunRecord:
+    return await asyncio.to_thread(
         store.record_run,
-        new_run_id(now),
-        key,
-        RunKind.PLAN,
+        run_id,
+        cleanup,
+        kind,
         plan.id,
         state,
         plan.reference_count,
         plan.candidates,
-        plan.message,
+        message,
         now,
     )
-    await asyncio.to_thread(store.prune_plan_items, key, PLAN_RUNS_WITH_ITEMS)
-    outcome = Outcome.SUCCEEDED if plan.ready else Outcome.BLOCKED
-    return RunResult(outcome, plan.message, plan, run)
 
 
 @dataclass(frozen=True)
@@ -373,32 +386,14 @@ async def _apply(
     plan = await make_plan(conns, now, previous, progress)
     run_id = new_run_id(now)
     if not plan.ready:
-        run = await asyncio.to_thread(
-            store.record_run,
-            run_id,
-            key,
-            RunKind.APPLY,
-            plan.id,
-            RunState.BLOCKED,
-            plan.reference_count,
-            plan.candidates,
-            plan.message,
-            now,
+        run = await _record(
+            store, run_id, key, RunKind.APPLY, plan, RunState.BLOCKED, plan.message, now
         )
         return RunResult(Outcome.BLOCKED, plan.message, plan, run)
     # Nothing to archive needs no approval: an applied plan's successor is usually empty.
     if not plan.candidates:
-        run = await asyncio.to_thread(
-            store.record_run,
-            run_id,
-            key,
-            RunKind.APPLY,
-            plan.id,
-            RunState.SUCCEEDED,
-            plan.reference_count,
-            plan.candidates,
-            plan.message,
-            now,
+        run = await _record(
+            store, run_id, key, RunKind.APPLY, plan, RunState.SUCCEEDED, plan.message, now
         )
         return RunResult(Outcome.SUCCEEDED, plan.message, plan, run)
     approved = request.approved_plan_id
@@ -410,31 +405,9 @@ async def _apply(
                 f"the approved plan {approved} no longer matches the data: the current plan is "
                 f"{plan.id}, which needs its own approval; nothing was archived"
             )
-        run = await asyncio.to_thread(
-            store.record_run,
-            run_id,
-            key,
-            RunKind.PLAN,
-            plan.id,
-            RunState.PLANNED,
-            plan.reference_count,
-            plan.candidates,
-            message,
-            now,
-        )
+        run = await _record(store, run_id, key, RunKind.PLAN, plan, RunState.PLANNED, message, now)
         return RunResult(Outcome.AWAITING_APPROVAL, message, plan, run)
-    run = await asyncio.to_thread(
-        store.record_run,
-        run_id,
-        key,
-        RunKind.APPLY,
-        plan.id,
-        RunState.APPLYING,
-        plan.reference_count,
-        plan.candidates,
-        "applying",
-        now,
-    )
+    run = await _record(store, run_id, key, RunKind.APPLY, plan, RunState.APPLYING, "applying", now)
     result = await _execute(conns, run, request, clock, progress, resumed=False)
     return RunResult(result.outcome, result.message, plan, result.run)
 
