@@ -42,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from .inventory import BuildsSchema, aware_utc
-from .planning import BuildDecision
+from .planning import BuildDecision, ReferenceCounts
 from .runstate import RunKind, RunRecord, RunState
 
 __all__ = [
@@ -106,6 +106,8 @@ def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table, Table]:
         Column("started_at", DateTime(timezone=True), nullable=False),
         Column("finished_at", DateTime(timezone=True)),
         Column("reference_count", Integer, nullable=False),
+        Column("active_count", Integer, nullable=False),
+        Column("routed_count", Integer, nullable=False),
         Column("candidates", Integer, nullable=False),
         Column("archived", Integer, nullable=False, default=0),
         Column("skipped", Integer, nullable=False, default=0),
@@ -195,7 +197,7 @@ class StateStore:
         kind: RunKind,
         plan_id: str,
         state: RunState,
-        reference_count: int,
+        reference: ReferenceCounts,
         candidates: Sequence[BuildDecision],
         message: str,
         now: datetime,
@@ -213,7 +215,9 @@ class StateStore:
                     state=state.value,
                     started_at=now,
                     finished_at=finished,
-                    reference_count=reference_count,
+                    reference_count=reference.total,
+                    active_count=reference.active,
+                    routed_count=reference.routed,
                     candidates=len(candidates),
                     archived=0,
                     skipped=0,
@@ -268,17 +272,18 @@ class StateStore:
             row = conn.execute(query).first()
         return None if row is None else self._record(row)
 
-    def last_successful_reference_count(self, cleanup: str) -> int | None:
-        """The reference-set size of the latest run whose plan passed every check."""
+    def last_successful_reference(self, cleanup: str) -> ReferenceCounts | None:
+        """The reference counts of the latest run whose plan passed every check."""
+        runs = self.runs.c
         query = (
-            select(self.runs.c.reference_count)
-            .where(self.runs.c.cleanup == cleanup, self.runs.c.state != RunState.BLOCKED.value)
-            .order_by(self.runs.c.started_at.desc(), self.runs.c.id.desc())
+            select(runs.active_count, runs.routed_count, runs.reference_count)
+            .where(runs.cleanup == cleanup, runs.state != RunState.BLOCKED.value)
+            .order_by(runs.started_at.desc(), runs.id.desc())
             .limit(1)
         )
         with self.engine.connect() as conn:
-            value = conn.execute(query).scalar_one_or_none()
-        return None if value is None else int(value)
+            row = conn.execute(query).first()
+        return None if row is None else ReferenceCounts(*row)
 
     def finish_run(self, run_id: str, state: RunState, message: str, now: datetime) -> None:
         with self.engine.begin() as conn:

@@ -36,6 +36,7 @@ __all__ = [
     "ProjectDecisions",
     "ProjectId",
     "ProjectIssue",
+    "ReferenceCounts",
     "RouteAnswer",
     "ThresholdCheck",
     "Verdict",
@@ -266,18 +267,47 @@ class VerdictReason(StrEnum):
     THRESHOLD_EXCEEDED = "ThresholdExceeded"
 
 
+@dataclass(frozen=True, slots=True)
+class ReferenceCounts:
+    """The builds known to be live: what the collapse guard compares between runs.
+
+    ``active`` comes from the builds database and ``routed`` from the routing
+    source, so a collapse of either one is caught on its own: a routing API
+    that suddenly answers "not routed" for everything would otherwise make
+    every routed-but-not-active build (a canary, a rollback) a candidate.
+    """
+
+    active: int
+    routed: int
+    total: int  # builds that are active or routed
+
+
+def _drop_check(name: str, limit: float, previous: int | None, now: int) -> ThresholdCheck:
+    if not previous:
+        return ThresholdCheck(name, limit, None, True, "no earlier successful run to compare with")
+    drop = max(0.0, (previous - now) * 100.0 / previous)
+    return ThresholdCheck(
+        name,
+        limit,
+        round(drop, 4),
+        drop <= limit,
+        f"{previous} at the last successful run, {now} now",
+    )
+
+
 def evaluate_thresholds(
     safety: SafetySpec,
     *,
     candidates: int,
     inventory: int,
     max_per_project: int,
-    reference_count: int,
-    previous_reference_count: int | None,
+    reference: ReferenceCounts,
+    previous: ReferenceCounts | None,
 ) -> tuple[ThresholdCheck, ...]:
     """Every safety threshold with its limit and actual value. A value equal to its limit passes."""
     percent = 0.0 if inventory == 0 else candidates * 100.0 / inventory
-    checks = [
+    drop_limit = safety.reference_set.max_drop_percent
+    return (
         ThresholdCheck(
             "maxArchivedPerRun",
             safety.max_archived_per_run,
@@ -299,35 +329,22 @@ def evaluate_thresholds(
         ThresholdCheck(
             "referenceSetMinCount",
             safety.reference_set.min_count,
-            reference_count,
-            reference_count >= safety.reference_set.min_count,
+            reference.total,
+            reference.total >= safety.reference_set.min_count,
         ),
-    ]
-    limit = safety.reference_set.max_drop_percent
-    if previous_reference_count is None or previous_reference_count == 0:
-        checks.append(
-            ThresholdCheck(
-                "referenceSetMaxDropPercent",
-                limit,
-                None,
-                True,
-                "no earlier successful run to compare with",
-            )
-        )
-    else:
-        drop = max(
-            0.0, (previous_reference_count - reference_count) * 100.0 / previous_reference_count
-        )
-        checks.append(
-            ThresholdCheck(
-                "referenceSetMaxDropPercent",
-                limit,
-                round(drop, 4),
-                drop <= limit,
-                f"{previous_reference_count} at the last successful run, {reference_count} now",
-            )
-        )
-    return tuple(checks)
+        _drop_check(
+            "activeBuildsMaxDropPercent",
+            drop_limit,
+            None if previous is None else previous.active,
+            reference.active,
+        ),
+        _drop_check(
+            "routedBuildsMaxDropPercent",
+            drop_limit,
+            None if previous is None else previous.routed,
+            reference.routed,
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +361,7 @@ class Plan:
     thresholds: tuple[ThresholdCheck, ...]
     receipts: tuple[LookupReceipt, ...]
     candidates: tuple[BuildDecision, ...]
-    reference_count: int
+    reference: ReferenceCounts
     samples: Mapping[str, tuple[str, ...]]
     invariant_violations: tuple[str, ...]
 
@@ -373,7 +390,7 @@ class PlanBuilder:
 
     safety: SafetySpec
     settings: Mapping[str, object]
-    previous_reference_count: int | None = None
+    previous_reference: ReferenceCounts | None = None
     _digest: hashlib._Hash = field(init=False)
     _counts: dict[str, int] = field(init=False)
     _keep: dict[str, int] = field(init=False)
@@ -381,6 +398,7 @@ class PlanBuilder:
     _candidates: list[BuildDecision] = field(init=False, default_factory=list)
     _per_project_max: int = field(init=False, default=0)
     _reference: int = field(init=False, default=0)
+    _routed: int = field(init=False, default=0)
     _violations: list[str] = field(init=False, default_factory=list)
     _samples: dict[str, list[str]] = field(init=False)
 
@@ -413,6 +431,8 @@ class PlanBuilder:
             self._counts[str(decision.classification)] += 1
             if decision.classification in (Classification.ACTIVE, Classification.ROUTED):
                 self._reference += 1
+            if decision.route is not None and decision.route.routed:
+                self._routed += 1
             elif decision.classification is Classification.UNKNOWN:
                 self._sample("unknown", str(decision.build.id))
             for reason in decision.keep_reasons:
@@ -431,6 +451,11 @@ class PlanBuilder:
         self._counts["candidates"] = len(self._candidates)
         self._per_project_max = max(self._per_project_max, per_project)
 
+    def reference(self) -> ReferenceCounts:
+        return ReferenceCounts(
+            self._counts[str(Classification.ACTIVE)], self._routed, self._reference
+        )
+
     def finish(self, receipts: Iterable[LookupReceipt]) -> Plan:
         receipt_list = tuple(sorted(receipts, key=lambda r: r.index))
         failed = [r for r in receipt_list if not r.ok]
@@ -439,8 +464,8 @@ class PlanBuilder:
             candidates=len(self._candidates),
             inventory=self._counts["builds"],
             max_per_project=self._per_project_max,
-            reference_count=self._reference,
-            previous_reference_count=self.previous_reference_count,
+            reference=self.reference(),
+            previous=self.previous_reference,
         )
         reasons: list[tuple[VerdictReason, str]] = []
         if failed:
@@ -492,7 +517,7 @@ class PlanBuilder:
             thresholds=thresholds,
             receipts=receipt_list,
             candidates=tuple(self._candidates),
-            reference_count=self._reference,
+            reference=self.reference(),
             samples={k: tuple(v) for k, v in self._samples.items()},
             invariant_violations=tuple(self._violations),
         )

@@ -30,6 +30,7 @@ from .planning import (
     Plan,
     PlanBuilder,
     ProjectId,
+    ReferenceCounts,
     RouteAnswer,
     classify_project,
     plan_settings,
@@ -166,7 +167,7 @@ def _units(
 async def make_plan(
     conns: Connections,
     now: datetime,
-    previous_reference_count: int | None,
+    previous_reference: ReferenceCounts | None,
     progress: Progress | None = None,
 ) -> Plan:
     """Scan the inventory, look every build up, and decide. Writes nothing."""
@@ -177,7 +178,7 @@ async def make_plan(
         plan_settings(
             spec.retention, spec.safety, spec.database.archived_status, conns.schema.settings()
         ),
-        previous_reference_count,
+        previous_reference,
     )
     loop = asyncio.get_running_loop()
     # One thread owns the scan's connection: SQLite connections refuse other threads.
@@ -306,7 +307,7 @@ async def plan_and_record(
     store = conns.store
     await asyncio.to_thread(store.ensure_tables)
     key = conns.cleanup.key
-    previous = await asyncio.to_thread(store.last_successful_reference_count, key)
+    previous = await asyncio.to_thread(store.last_successful_reference, key)
     plan = await make_plan(conns, now, previous, progress)
     state = RunState.PLANNED if plan.ready else RunState.BLOCKED
     run = await _record(store, new_run_id(now), key, RunKind.PLAN, plan, state, plan.message, now)
@@ -332,7 +333,7 @@ async def _record(
         kind,
         plan.id,
         state,
-        plan.reference_count,
+        plan.reference,
         plan.candidates,
         message,
         now,
@@ -382,7 +383,7 @@ async def _apply(
         return await _execute(conns, unfinished, request, clock, progress, resumed=True)
 
     now = clock()
-    previous = await asyncio.to_thread(store.last_successful_reference_count, key)
+    previous = await asyncio.to_thread(store.last_successful_reference, key)
     plan = await make_plan(conns, now, previous, progress)
     run_id = new_run_id(now)
     if not plan.ready:

@@ -54,7 +54,8 @@ def plan_summary(plan: Plan, computed_at: datetime) -> dict[str, Any]:
         "counts": dict(plan.counts),
         "keepReasons": {k: v for k, v in plan.keep_reasons.items() if v},
         "projectIssues": {k: v for k, v in plan.project_issues.items() if v},
-        "referenceCount": plan.reference_count,
+        "referenceCount": plan.reference.total,
+        "referenceSet": {"active": plan.reference.active, "routed": plan.reference.routed},
         "thresholds": [
             {"name": t.name, "limit": t.limit, "actual": t.actual, "passed": t.passed}
             | ({"note": t.note} if t.note else {})
@@ -256,6 +257,6 @@ def build_status(
             "id": run.id,
             "planId": plan.id,
             "finishedAt": timestamp(now),
-            "referenceCount": plan.reference_count,
+            "referenceCount": plan.reference.total,
         }
     return status

@@ -124,7 +124,7 @@ def _start_apply(conns: Any, seeded: Seeded) -> Any:
             RunKind.APPLY,
             plan.id,
             RunState.APPLYING,
-            plan.reference_count,
+            plan.reference,
             plan.candidates,
             "",
             now,
@@ -329,4 +329,4 @@ def test_blocked_plan_is_recorded_and_does_not_count_as_successful(
     assert result.outcome is Outcome.BLOCKED
     assert "maxArchivedPerRun" in result.message
     assert seeded.archived() == set()
-    assert conns.store.last_successful_reference_count(conns.cleanup.key) is None
+    assert conns.store.last_successful_reference(conns.cleanup.key) is None

@@ -163,3 +163,29 @@ def test_a_slow_but_healthy_server_is_waited_for_not_treated_as_inactive(
     assert result.plan is not None
     assert {d.build.id for d in result.plan.candidates} == world.expected_candidates()
     assert time.monotonic() - started >= 0.2
+
+
+def test_routing_that_collapses_to_nothing_routed_blocks_the_run(
+    world: Seeded, routing_server: RoutingServer, connections: OpenConnections
+) -> None:
+    c = loose_cleanup(
+        world.url,
+        http_routing(routing_server.url),
+        safety={
+            "maxArchivedPerRun": 100_000,
+            "maxArchivedPercent": 100,
+            "maxArchivedPerProject": 1000,
+            "referenceSet": {"maxDropPercent": 10, "minCount": 1},
+        },
+    )
+    conns = connections(c)
+    first = run(plan_and_record(conns, utc_now()))
+    assert first.outcome is Outcome.SUCCEEDED
+    routing_server.set_routed([])  # a routing API pointed at an empty table answers "not routed"
+    before = world.statuses()
+    result = run(apply(conns, ApplyRequest(approved_plan_id=None, approve_current=True)))
+    assert result.outcome is Outcome.BLOCKED
+    assert result.plan is not None
+    failed = {t.name for t in result.plan.thresholds if not t.passed}
+    assert failed == {"routedBuildsMaxDropPercent"}
+    assert world.statuses() == before

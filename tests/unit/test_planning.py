@@ -13,6 +13,7 @@ from deployment_cleanup.planning import (
     LookupReceipt,
     PlanBuilder,
     ProjectIssue,
+    ReferenceCounts,
     RouteAnswer,
     Verdict,
     VerdictReason,
@@ -164,7 +165,7 @@ def _plan(
     projects: list[tuple[int, int | None, list[Build], dict[int | str, RouteAnswer]]],
     receipts: list[LookupReceipt] | None = None,
     safety: SafetySpec = LOOSE,
-    previous: int | None = None,
+    previous: ReferenceCounts | None = None,
     settings: dict[str, object] | None = None,
 ):  # type: ignore[no-untyped-def]
     builder = PlanBuilder(safety, settings or _settings(), previous)
@@ -187,7 +188,7 @@ def test_ready_plan_lists_only_positively_confirmed_candidates() -> None:
     assert plan.verdict is Verdict.READY
     assert [d.build.id for d in plan.candidates] == [2]
     assert plan.counts["unknown"] == 1
-    assert plan.reference_count == 1
+    assert plan.reference == ReferenceCounts(active=1, routed=1, total=1)
 
 
 def test_plan_with_nothing_to_archive_is_ready_with_its_own_reason() -> None:
@@ -219,6 +220,8 @@ def test_plan_id_is_stable_for_the_same_data_and_changes_with_candidates_or_sett
     assert _plan(data, settings=other_settings).id != first.id
 
 
+R = ReferenceCounts
+DROP_10 = {"referenceSet": {"maxDropPercent": 10, "minCount": 0}}
 THRESHOLD_CASES = [
     ("maxArchivedPerRun", {"maxArchivedPerRun": 10}, {"candidates": 10}, True),
     ("maxArchivedPerRun", {"maxArchivedPerRun": 10}, {"candidates": 9}, True),
@@ -227,25 +230,47 @@ THRESHOLD_CASES = [
     ("maxArchivedPercent", {"maxArchivedPercent": 10}, {"candidates": 11, "inventory": 100}, False),
     ("maxArchivedPerProject", {"maxArchivedPerProject": 3}, {"max_per_project": 3}, True),
     ("maxArchivedPerProject", {"maxArchivedPerProject": 3}, {"max_per_project": 4}, False),
-    ("referenceSetMinCount", {"referenceSet": {"minCount": 50}}, {"reference_count": 50}, True),
-    ("referenceSetMinCount", {"referenceSet": {"minCount": 50}}, {"reference_count": 49}, False),
     (
-        "referenceSetMaxDropPercent",
-        {"referenceSet": {"maxDropPercent": 10, "minCount": 0}},
-        {"reference_count": 90, "previous_reference_count": 100},
+        "referenceSetMinCount",
+        {"referenceSet": {"minCount": 50}},
+        {"reference": R(50, 50, 50)},
         True,
     ),
     (
-        "referenceSetMaxDropPercent",
-        {"referenceSet": {"maxDropPercent": 10, "minCount": 0}},
-        {"reference_count": 89, "previous_reference_count": 100},
+        "referenceSetMinCount",
+        {"referenceSet": {"minCount": 50}},
+        {"reference": R(49, 49, 49)},
         False,
     ),
     (
-        "referenceSetMaxDropPercent",
-        {"referenceSet": {"maxDropPercent": 10, "minCount": 0}},
-        {"reference_count": 500, "previous_reference_count": 100},
+        "activeBuildsMaxDropPercent",
+        DROP_10,
+        {"reference": R(90, 100, 100), "previous": R(100, 100, 100)},
         True,
+    ),
+    (
+        "activeBuildsMaxDropPercent",
+        DROP_10,
+        {"reference": R(89, 100, 100), "previous": R(100, 100, 100)},
+        False,
+    ),
+    (
+        "activeBuildsMaxDropPercent",
+        DROP_10,
+        {"reference": R(500, 100, 500), "previous": R(100, 100, 100)},
+        True,
+    ),
+    (
+        "routedBuildsMaxDropPercent",
+        DROP_10,
+        {"reference": R(100, 90, 100), "previous": R(100, 100, 100)},
+        True,
+    ),
+    (
+        "routedBuildsMaxDropPercent",
+        DROP_10,
+        {"reference": R(100, 89, 100), "previous": R(100, 100, 100)},
+        False,
     ),
 ]
 
@@ -256,15 +281,15 @@ THRESHOLD_CASES = [
     ids=[f"{c[0]}-{'pass' if c[3] else 'fail'}-{i}" for i, c in enumerate(THRESHOLD_CASES)],
 )
 def test_threshold_boundaries_at_below_and_above(
-    name: str, limits: dict[str, object], actual: dict[str, int], passes: bool
+    name: str, limits: dict[str, object], actual: dict[str, object], passes: bool
 ) -> None:
     safety = SafetySpec.model_validate(limits)
     values = {
         "candidates": 0,
         "inventory": 1000,
         "max_per_project": 0,
-        "reference_count": 1000,
-        "previous_reference_count": None,
+        "reference": R(1000, 1000, 1000),
+        "previous": None,
     } | actual
     checks = {c.name: c for c in evaluate_thresholds(safety, **values)}  # type: ignore[arg-type]
     assert checks[name].passed is passes
@@ -289,12 +314,30 @@ def test_reference_set_collapse_since_the_last_successful_run_blocks() -> None:
         safety=SafetySpec.model_validate(
             {"maxArchivedPercent": 100, "referenceSet": {"maxDropPercent": 10, "minCount": 0}}
         ),
-        previous=400,
+        previous=R(400, 400, 400),
     )
     assert plan.reason is VerdictReason.THRESHOLD_EXCEEDED
-    check = next(t for t in plan.thresholds if t.name == "referenceSetMaxDropPercent")
+    check = next(t for t in plan.thresholds if t.name == "activeBuildsMaxDropPercent")
     assert check.actual == pytest.approx(99.75)
     assert not check.passed
+
+
+def test_routing_that_suddenly_reports_nothing_routed_blocks_even_with_active_builds_intact() -> (
+    None
+):
+    # Last time two builds were routed (the active one and a canary); now routing says none is.
+    plan = _plan(
+        [(1, 1, [build(1), build(2), build(3)], routes(b1=False, b2=False, b3=False))],
+        safety=SafetySpec.model_validate(
+            {"maxArchivedPercent": 100, "referenceSet": {"maxDropPercent": 10, "minCount": 0}}
+        ),
+        previous=R(1, 2, 2),
+    )
+    assert plan.reason is VerdictReason.THRESHOLD_EXCEEDED
+    checks = {t.name: t for t in plan.thresholds}
+    assert checks["activeBuildsMaxDropPercent"].passed
+    assert not checks["routedBuildsMaxDropPercent"].passed
+    assert checks["routedBuildsMaxDropPercent"].actual == 100.0
 
 
 def test_a_receipt_must_be_ok_exactly_when_it_has_no_error() -> None:

@@ -12,6 +12,7 @@ from deployment_cleanup.planning import (
     Build,
     LookupReceipt,
     PlanBuilder,
+    ReferenceCounts,
     RouteAnswer,
     Verdict,
     classify_project,
@@ -67,10 +68,13 @@ def worlds(draw: st.DrawFn) -> World:
     return World(projects, builds, routed, draw(st.integers(0, 2)), retention, safety)
 
 
+references = st.builds(ReferenceCounts, st.integers(0, 40), st.integers(0, 40), st.integers(0, 40))
+
+
 @settings(max_examples=400, deadline=None)
-@given(world=worlds(), previous=st.one_of(st.none(), st.integers(0, 40)))
+@given(world=worlds(), previous=st.one_of(st.none(), references))
 def test_no_active_routed_or_unknown_build_is_ever_a_candidate(
-    world: World, previous: int | None
+    world: World, previous: ReferenceCounts | None
 ) -> None:
     builder = PlanBuilder(
         world.safety, plan_settings(world.retention, world.safety, "archived", {}), previous
@@ -110,5 +114,5 @@ def test_no_active_routed_or_unknown_build_is_ever_a_candidate(
         assert len(plan.candidates) <= world.safety.max_archived_per_run
         assert total == 0 or len(plan.candidates) * 100 / total <= world.safety.max_archived_percent
         assert max(per_project.values(), default=0) <= world.safety.max_archived_per_project
-        assert plan.reference_count >= world.safety.reference_set.min_count
+        assert plan.reference.total >= world.safety.reference_set.min_count
         assert all(t.passed for t in plan.thresholds)

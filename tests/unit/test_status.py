@@ -105,7 +105,7 @@ def test_a_ready_plan_becomes_the_last_successful_run() -> None:
         "id": "r-1",
         "planId": plan.id,
         "finishedAt": "2026-12-04T03:00:00Z",
-        "referenceCount": plan.reference_count,
+        "referenceCount": plan.reference.total,
     }
 
 
