@@ -75,7 +75,7 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _HTTP_HEADER = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _PLAN_ID = re.compile(r"^p-[0-9a-f]{16}$")
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")
 _DURATION_UNITS = {
     "d": timedelta(days=1),
     "h": timedelta(hours=1),
@@ -112,13 +112,15 @@ def parse_duration(value: object) -> timedelta:
         return value
     if not isinstance(value, str):
         raise ValueError(f"must be a duration string like '30s', '15m', '7d' (got {value!r})")
-    text = value.strip()
-    parts = _DURATION_PART.findall(text)
-    if not text or "".join(n + u for n, u in parts) != text:
+    parts = _DURATION_PART.findall(value)
+    if not value or len(value) > 64 or "".join(n + u for n, u in parts) != value:
         raise ValueError(
-            f"not a duration: {value!r} (use e.g. '500ms', '30s', '15m', '1h30m', '7d')"
+            f"not a duration: {value[:70]!r} (use e.g. '500ms', '30s', '15m', '1h30m', '7d')"
         )
-    total = sum((int(n) * _DURATION_UNITS[u] for n, u in parts), timedelta())
+    try:
+        total = sum((int(n) * _DURATION_UNITS[u] for n, u in parts), timedelta())
+    except OverflowError:
+        total = _MAX_DURATION + timedelta(days=1)
     if total > _MAX_DURATION:
         raise ValueError(f"duration {value!r} is longer than 10 years")
     return total
@@ -139,7 +141,7 @@ def format_duration(value: timedelta) -> str:
 
 
 def _identifier(value: str) -> str:
-    if not _IDENTIFIER.match(value):
+    if not _IDENTIFIER.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a safe SQL identifier "
             "(letters, digits and underscores, not starting with a digit, at most 63)"
@@ -149,7 +151,7 @@ def _identifier(value: str) -> str:
 
 def _matches(pattern: re.Pattern[str], what: str) -> AfterValidator:
     def check(value: str) -> str:
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid {what}")
         return value
 
@@ -157,6 +159,8 @@ def _matches(pattern: re.Pattern[str], what: str) -> AfterValidator:
 
 
 def _cron(value: str) -> str:
+    if len(value) > 128:
+        raise ValueError("a cron expression is at most 128 characters")
     try:
         CronSim(value, datetime(2000, 1, 1, tzinfo=UTC))
     except CronSimError as exc:
@@ -168,15 +172,18 @@ def _cron(value: str) -> str:
 
 def _time_zone(value: str) -> str:
     try:
+        if len(value) > 64:
+            raise ValueError(value)
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"{value!r} is not a known IANA time zone") from None
+    # zoneinfo raises OSError subclasses for names that are folders or too long.
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"{value[:70]!r} is not a known IANA time zone") from None
     return value
 
 
 def _http_url(value: str) -> str:
-    if not re.match(r"^https?://[^\s/?#]+[^\s]*$", value):
-        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    if len(value) > 4096 or not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
+        raise ValueError(f"{value[:80]!r} is not an http:// or https:// URL")
     return value
 
 

@@ -2,9 +2,13 @@
 
 spec.py is the source of truth. These tests walk ``CleanupSpec.model_fields`` (aliases, nested
 models, ``Annotated`` constraints) alongside the CRD's openAPIV3Schema and fail on any drift:
-a field on one side only, another type, default, bound or enum, a required flag, or a string
-that the CRD's pattern judges differently from the pydantic validators. tests/e2e/test_crd.py
+a field on one side only, another type, default, bound or enum, a required flag, a missing
+description, or a string that the CRD's pattern judges differently from the validators. The
+status schema is checked against what build_status and the operator write. tests/e2e/test_crd.py
 then shows that the real API server enforces all of it.
+
+Two tests pin what spec.py once got wrong (trailing newlines, Unicode digits, crashing on odd
+time zones and huge durations).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import types
 import zoneinfo
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -28,6 +32,16 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from deployment_cleanup.planning import (
+    Build,
+    LookupReceipt,
+    Plan,
+    PlanBuilder,
+    RouteAnswer,
+    classify_project,
+    plan_settings,
+)
+from deployment_cleanup.runstate import RunKind, RunRecord, RunState
 from deployment_cleanup.spec import (
     API_GROUP,
     API_VERSION,
@@ -39,12 +53,14 @@ from deployment_cleanup.spec import (
     format_duration,
     parse_cleanup,
 )
+from deployment_cleanup.status import build_status
 
 CRD_PATH = Path(__file__).parents[2] / "crds" / "deploymentcleanups.deployment-cleanup.dev.yaml"
 CRD: dict[str, Any] = yaml.safe_load(CRD_PATH.read_text())
 (VERSION,) = CRD["spec"]["versions"]
 ROOT_SCHEMA: dict[str, Any] = VERSION["schema"]["openAPIV3Schema"]
 SPEC_SCHEMA: dict[str, Any] = ROOT_SCHEMA["properties"]["spec"]
+STATUS_SCHEMA: dict[str, Any] = ROOT_SCHEMA["properties"]["status"]
 
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
@@ -732,9 +748,6 @@ def test_every_iana_time_zone_is_accepted_by_the_crd() -> None:
     assert refused == []
 
 
-LENIENT_IN_SPEC_PY = "spec.py accepts it, the API server does not"
-
-
 @pytest.mark.parametrize(
     ("path", "value"),
     [
@@ -747,11 +760,9 @@ LENIENT_IN_SPEC_PY = "spec.py accepts it, the API server does not"
         pytest.param("spec.retention.minAge", "\u0667d", id="duration-arabic-indic-digit"),
     ],
 )
-@pytest.mark.xfail(raises=pytest.fail.Exception, strict=True, reason=LENIENT_IN_SPEC_PY)
 def test_spec_py_refuses_what_the_api_server_refuses(path: str, value: str) -> None:
-    # spec.py's patterns use re.match with `$`, which also matches before a trailing newline,
-    # and parse_duration strips spaces and takes any Unicode digit; Go's regexp does neither.
-    # The xfail is strict: once spec.py refuses these, drop the marker.
+    # Python's `$` also matches before a trailing newline and `\d` takes any Unicode digit;
+    # Go's regexp (the API server) does neither, so spec.py must use fullmatch and [0-9].
     assert not crd_accepts(PAIRS[path].schema, value, path)
     with pytest.raises(SpecError):
         parse_cleanup(_document_with(path, value))
@@ -765,13 +776,9 @@ def test_spec_py_refuses_what_the_api_server_refuses(path: str, value: str) -> N
         pytest.param("spec.retention.minAge", "9" * 30 + "d", id="duration-overflows"),
     ],
 )
-@pytest.mark.xfail(raises=(OSError, OverflowError), strict=True, reason="spec.py crashes on it")
 def test_spec_py_reports_every_bad_value(path: str, value: str) -> None:
-    # _time_zone catches ZoneInfoNotFoundError and ValueError, but zoneinfo raises
-    # IsADirectoryError for "Europe" and OSError for a name longer than a file name may be;
-    # parse_duration lets OverflowError out of timedelta. parse_cleanup then raises those
-    # instead of a SpecError naming the field. (The API server refuses the last two already:
-    # maxLength and the ten-year CEL rule.) The xfail is strict: once fixed, drop the marker.
+    # zoneinfo raises IsADirectoryError for "Europe" and OSError for an overlong name, and
+    # timedelta overflows on a huge duration: each must become a SpecError naming the field.
     with pytest.raises(SpecError, match=path):
         parse_cleanup(_document_with(path, value))
 
@@ -833,6 +840,174 @@ def test_status_schema_keeps_what_build_status_may_write_as_null() -> None:
     ]
     for name in ("counts", "keepReasons", "projectIssues"):
         assert plan[name]["additionalProperties"] == {"type": "integer"}
+
+
+# The status: what build_status and the operator write must fit the status schema, or the API
+# server drops it (unknown fields) or refuses the whole patch (a wrong type).
+
+NOW = datetime(2026, 12, 4, 3, 0, tzinfo=UTC)
+_RETENTION = RetentionSpec(keep_newest=1, min_age=timedelta(0))
+_SAFETY = SafetySpec.model_validate({"maxArchivedPercent": 100, "maxArchivedPerProject": 100})
+_DATE_TIME = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})"
+
+
+def sample_plan(failed_batches: int) -> Plan:
+    """Four projects of four builds; project p's lookups are batch p; project 3 has no active build."""
+    builder = PlanBuilder(_SAFETY, plan_settings(_RETENTION, _SAFETY, "archived", {}))
+    for p in range(4):
+        builds = [Build(p * 10 + i, p, "ready", NOW - timedelta(days=30 + i)) for i in range(4)]
+        answered = p >= failed_batches
+        answers = {b.id: RouteAnswer(b.id % 10 == 1, "http", p) for b in builds if answered}
+        active = None if p == 3 else p * 10
+        builder.add(classify_project(p, active, True, builds, answers, _RETENTION, NOW))
+    receipts = [
+        LookupReceipt(
+            p,
+            4,
+            p >= failed_batches,
+            1 if p >= failed_batches else 3,
+            0.2,
+            None if p >= failed_batches else "read timeout after 10s",
+        )
+        for p in range(4)
+    ]
+    return builder.finish(receipts)
+
+
+def sample_run(state: RunState, plan: Plan, archived: int) -> RunRecord:
+    finished = None if state is RunState.APPLYING else NOW
+    kind = RunKind.PLAN if state in (RunState.PLANNED, RunState.BLOCKED) else RunKind.APPLY
+    return RunRecord(
+        "r-20261204T030000-ab12cd",
+        "ns/nightly",
+        kind,
+        plan.id,
+        state,
+        NOW,
+        finished,
+        5,
+        len(plan.candidates),
+        archived,
+        0,
+        0,
+        "a message",
+    )
+
+
+def sample_statuses() -> dict[str, dict[str, Any]]:
+    """Status objects as the operator writes them: build_status plus its own fields."""
+    blocked = sample_plan(failed_batches=2)
+    applying = sample_run(RunState.APPLYING, blocked, archived=1)
+    ready = sample_plan(failed_batches=0)
+    applied = sample_run(RunState.SUCCEEDED, ready, archived=len(ready.candidates))
+    last_success = {
+        "id": "r-20261203T030000-000000",
+        "planId": "p-0123456789abcdef",
+        "finishedAt": "2026-12-03T03:00:00Z",
+        "referenceCount": 5,
+    }
+    # The fields controller.py writes next to build_status's (see _report, _failed, _restore).
+    operator_fields: dict[str, Any] = {
+        "schedule": {"lastScheduleTime": "2026-12-04T02:30:00Z", "nextScheduleTime": None},
+        "lastRestore": {
+            "runId": "r-20261201T030000-ffffff",
+            "restored": 3,
+            "conflicts": 1,
+            "at": "2026-12-02T10:00:00Z",
+        },
+        "killSwitch": False,
+        "failure": {
+            "generation": 1,
+            "count": 2,
+            "message": "OperationalError: could not connect to server",
+            "nextAttemptAt": "2026-12-04T03:10:00Z",
+        },
+    }
+    return {
+        "blocked-while-applying": build_status(
+            generation=1,
+            now=NOW,
+            outcome="Blocked",
+            message=blocked.message,
+            plan=blocked,
+            run=applying,
+            history=[applying, applied],
+            previous={"lastSuccessfulRun": last_success},
+        )
+        | operator_fields,
+        "applied": build_status(
+            generation=2, now=NOW, outcome="Succeeded", message="ok", plan=ready, run=applied
+        )
+        | operator_fields
+        | {"failure": None, "schedule": None},
+        "failed-without-plan": build_status(
+            generation=3, now=NOW, outcome="Failed", message="x", plan=None, run=None
+        )
+        | {
+            "lastRestore": {
+                "runId": "r-1",
+                "error": "no such run",
+                "at": "2026-12-04T03:00:00Z",
+            }
+        },
+    }
+
+
+def status_problems(value: Any, schema: Mapping[str, Any], path: str = "status") -> list[str]:
+    """Where ``value`` does not fit ``schema`` the way the API server checks it."""
+    if value is None:
+        return [] if schema.get("nullable") is True else [f"{path}: null, but not nullable"]
+    kind = str(schema.get("type"))
+    checks: dict[str, Callable[[Any], bool]] = {
+        "object": lambda v: isinstance(v, dict),
+        "array": lambda v: isinstance(v, list),
+        "string": lambda v: isinstance(v, str),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "boolean": lambda v: isinstance(v, bool),
+    }
+    if not checks[kind](value):
+        return [f"{path}: {value!r} is not of type {kind}"]
+    problems = []
+    if kind == "object":
+        properties = schema.get("properties", {})
+        for key, child in value.items():
+            if key in properties:
+                problems += status_problems(child, properties[key], f"{path}.{key}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                problems += status_problems(child, schema["additionalProperties"], f"{path}.{key}")
+            elif not schema.get("x-kubernetes-preserve-unknown-fields"):
+                problems.append(f"{path}.{key}: not in the schema, the API server drops it")
+        problems += [f"{path}.{k}: required" for k in schema.get("required", []) if k not in value]
+    elif kind == "array":
+        for i, item in enumerate(value):
+            problems += status_problems(item, schema["items"], f"{path}[{i}]")
+    elif kind == "string":
+        if "enum" in schema and value not in schema["enum"]:
+            problems.append(f"{path}: {value!r} is not one of {schema['enum']}")
+        if "pattern" in schema and re.fullmatch(schema["pattern"], value) is None:
+            problems.append(f"{path}: {value!r} does not match {schema['pattern']}")
+        if schema.get("format") == "date-time" and re.fullmatch(_DATE_TIME, value) is None:
+            problems.append(f"{path}: {value!r} is not an RFC 3339 date-time")
+    return problems
+
+
+SAMPLE_STATUSES = sample_statuses()
+
+
+@pytest.mark.parametrize("name", list(SAMPLE_STATUSES))
+def test_the_status_the_operator_writes_fits_the_status_schema(name: str) -> None:
+    assert status_problems(SAMPLE_STATUSES[name], STATUS_SCHEMA) == []
+
+
+def test_the_status_check_notices_a_field_the_schema_lacks() -> None:
+    status = copy.deepcopy(SAMPLE_STATUSES["applied"])
+    status["plan"]["lookups"]["retried"] = 2
+    status["run"]["archived"] = "6"
+    assert status_problems(status, STATUS_SCHEMA) == [
+        "status.plan.lookups.retried: not in the schema, the API server drops it",
+        "status.run.archived: '6' is not of type integer",
+    ]
 
 
 # The checks themselves: each must notice the drift it is there for.
