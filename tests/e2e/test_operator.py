@@ -405,3 +405,20 @@ def test_secrets_never_appear_in_status_events_or_logs(
     assert "Failed" in everything
     assert canary_password not in everything
     assert canary_token not in everything
+
+
+def test_a_scheduled_apply_only_plans_on_creation_and_reports_its_next_time(
+    cluster: Cluster, builds: Seeded, operator: OperatorProcess
+) -> None:
+    cluster.secret("builds-db", url=builds.url)
+    before = builds.statuses()
+    hourly = {"cron": "0 * * * *", "timeZone": "Europe/Berlin"}
+    cluster.apply(
+        cleanup_resource(spec(mode="Apply", approval={"mode": "Automatic"}, schedule=hourly))
+    )
+    status = wait_for(lambda: reconciled(cluster), what="the first plan")
+    assert status["run"]["kind"] == "plan"  # creating a scheduled resource never archives by itself
+    assert builds.statuses() == before
+    next_time = status["schedule"]["nextScheduleTime"]
+    assert next_time.endswith(":00:00Z")
+    assert next_time > status["run"]["startedAt"]
