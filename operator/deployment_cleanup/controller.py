@@ -27,6 +27,7 @@ from .metrics import (
     LOOKUP_BATCHES_FAILED,
     RUN_DURATION,
     RUNS,
+    STATUS_WRITES,
 )
 from .notify import send_webhook
 from .reconcile import Action, Step, failure_backoff, next_step, parse_time
@@ -342,7 +343,7 @@ class Controller:
             "observedGeneration": generation,
             "conditions": _merge_conditions(status.get("conditions") or [], conditions),
         }
-        await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+        await self._patch_named(namespace, name, patch)
         post("Warning", "InvalidSpec", message[:1000])
 
     async def _note_idle(
@@ -351,7 +352,9 @@ class Controller:
         """Keep the cheap status fields current without writing on every tick."""
         schedule = self._schedule(step, status, None)
         kill = self.kill_switch.on
-        if schedule != (status.get("schedule") or None) or bool(status.get("killSwitch")) != kill:
+        # The API server drops null fields, so compare without them.
+        unchanged = _without_nulls(schedule) == _without_nulls(status.get("schedule"))
+        if not unchanged or bool(status.get("killSwitch")) != kill:
             await self._patch(cleanup, {"schedule": schedule, "killSwitch": kill})
 
     def _schedule(
@@ -365,9 +368,15 @@ class Controller:
         return {"lastScheduleTime": last, "nextScheduleTime": nxt}
 
     async def _patch(self, cleanup: DeploymentCleanup, status: Mapping[str, Any]) -> None:
-        await asyncio.to_thread(
-            self.kube.patch_status, cleanup.metadata.namespace, cleanup.metadata.name, status
-        )
+        await self._patch_named(cleanup.metadata.namespace, cleanup.metadata.name, status)
+
+    async def _patch_named(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        STATUS_WRITES.labels(namespace=namespace, name=name).inc()
+        await asyncio.to_thread(self.kube.patch_status, namespace, name, status)
+
+
+def _without_nulls(value: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (value or {}).items() if v is not None}
 
 
 def _merge_conditions(

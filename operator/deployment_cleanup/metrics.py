@@ -12,6 +12,7 @@ __all__ = [
     "LOOKUP_BATCHES_FAILED",
     "RUNS",
     "RUN_DURATION",
+    "STATUS_WRITES",
     "serve_metrics",
 ]
 
@@ -40,6 +41,11 @@ RUN_DURATION = Histogram(
 LAST_SUCCESS = Gauge(
     "deployment_cleanup_last_success_timestamp_seconds",
     "Unix time of the last run that succeeded (a ready plan or a completed apply).",
+    ["namespace", "name"],
+)
+STATUS_WRITES = Counter(
+    "deployment_cleanup_status_writes_total",
+    "Status subresource patches: bounded per run, and none while idle.",
     ["namespace", "name"],
 )
 KILL_SWITCH = Gauge(

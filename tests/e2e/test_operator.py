@@ -83,6 +83,11 @@ def spec(url_secret: str = "builds-db", **sections: Any) -> dict[str, Any]:
     return body
 
 
+def metric(operator: OperatorProcess, series: str) -> float:
+    line = next(x for x in operator.metrics().splitlines() if x.startswith(series + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
 def reconciled(cluster: Cluster, generation: int = 1) -> dict[str, Any] | None:
     status = cluster.status()
     return status if status.get("observedGeneration") == generation and status.get("run") else None
@@ -422,3 +427,10 @@ def test_a_scheduled_apply_only_plans_on_creation_and_reports_its_next_time(
     next_time = status["schedule"]["nextScheduleTime"]
     assert next_time.endswith(":00:00Z")
     assert next_time > status["run"]["startedAt"]
+    # Idle ticks write nothing while nothing is due.
+    writes = (
+        f'deployment_cleanup_status_writes_total{{name="nightly",namespace="{cluster.namespace}"}}'
+    )
+    settled = metric(operator, writes)
+    time.sleep(3)  # six ticks
+    assert metric(operator, writes) == settled
