@@ -106,23 +106,29 @@ class SpecError(ValueError):
         super().__init__("invalid DeploymentCleanup:\n" + "\n".join(f"  {p}" for p in problems))
 
 
+def _shown(value: object) -> str:
+    """A value as an error message shows it: never more than 60 characters of it."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def parse_duration(value: object) -> timedelta:
     """Parse ``90s``, ``15m``, ``1h30m``, ``7d`` or ``500ms`` into a timedelta."""
     if isinstance(value, timedelta):
         return value
     if not isinstance(value, str):
-        raise ValueError(f"must be a duration string like '30s', '15m', '7d' (got {value!r})")
+        raise ValueError(f"must be a duration string like '30s', '15m', '7d' (got {_shown(value)})")
     parts = _DURATION_PART.findall(value)
     if not value or len(value) > 64 or "".join(n + u for n, u in parts) != value:
         raise ValueError(
-            f"not a duration: {value[:70]!r} (use e.g. '500ms', '30s', '15m', '1h30m', '7d')"
+            f"not a duration: {_shown(value)} (use e.g. '500ms', '30s', '15m', '1h30m', '7d')"
         )
     try:
         total = sum((int(n) * _DURATION_UNITS[u] for n, u in parts), timedelta())
     except OverflowError:
         total = _MAX_DURATION + timedelta(days=1)
     if total > _MAX_DURATION:
-        raise ValueError(f"duration {value!r} is longer than 10 years")
+        raise ValueError(f"duration {_shown(value)} is longer than 10 years")
     return total
 
 
@@ -143,7 +149,7 @@ def format_duration(value: timedelta) -> str:
 def _identifier(value: str) -> str:
     if not _IDENTIFIER.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a safe SQL identifier "
+            f"{_shown(value)} is not a safe SQL identifier "
             "(letters, digits and underscores, not starting with a digit, at most 63)"
         )
     return value
@@ -152,7 +158,7 @@ def _identifier(value: str) -> str:
 def _matches(pattern: re.Pattern[str], what: str) -> AfterValidator:
     def check(value: str) -> str:
         if not pattern.fullmatch(value):
-            raise ValueError(f"{value!r} is not a valid {what}")
+            raise ValueError(f"{_shown(value)} is not a valid {what}")
         return value
 
     return AfterValidator(check)
@@ -164,9 +170,11 @@ def _cron(value: str) -> str:
     try:
         CronSim(value, datetime(2000, 1, 1, tzinfo=UTC))
     except CronSimError as exc:
-        raise ValueError(f"{value!r} is not a valid cron expression: {exc}") from None
+        raise ValueError(f"{_shown(value)} is not a valid cron expression: {exc}") from None
     if len(value.split()) != 5:
-        raise ValueError(f"{value!r} must have exactly five fields (minute hour day month weekday)")
+        raise ValueError(
+            f"{_shown(value)} must have exactly five fields (minute hour day month weekday)"
+        )
     return value
 
 
@@ -177,13 +185,13 @@ def _time_zone(value: str) -> str:
         ZoneInfo(value)
     # zoneinfo raises OSError subclasses for names that are folders or too long.
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"{value[:70]!r} is not a known IANA time zone") from None
+        raise ValueError(f"{_shown(value)} is not a known IANA time zone") from None
     return value
 
 
 def _http_url(value: str) -> str:
     if len(value) > 4096 or not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
-        raise ValueError(f"{value[:80]!r} is not an http:// or https:// URL")
+        raise ValueError(f"{_shown(value)} is not an http:// or https:// URL")
     return value
 
 
