@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
 
 from deployment_cleanup.runs import ApplyRequest, Outcome, apply
 from tests.integration.conftest import OpenConnections
@@ -15,6 +16,7 @@ from tests.support.inventory import http_routing, loose_cleanup, run, seed
 from tests.support.reliability import Outcome as Row
 from tests.support.reliability import Watch, scale
 from tests.support.routing_server import RoutingServer
+from tests.unit.test_answer_contract import ASKED_IDS, PAYLOADS, assert_exact_or_refused
 
 SINGLE_ID = pytest.param("missing_id", {}, "missing from the answer", id="single-id-missing")
 
@@ -85,3 +87,18 @@ def test_client_overload_is_answered_or_blocked_never_guessed(
         f"{result.outcome}"
     )
     watch.check(outcome, approved=seeded.expected_candidates())
+
+
+def test_generated_malformed_answers_never_yield_evidence(outcome: Row) -> None:
+    count = scale(200, 10_000)
+
+    @settings(max_examples=count, deadline=None)
+    @given(payload=PAYLOADS, asked=ASKED_IDS)
+    def check(payload: object, asked: list[str]) -> None:
+        assert_exact_or_refused(payload, asked)
+
+    check()
+    outcome.runs = count
+    outcome.notes.append(
+        f"{count} generated answers: none accepted without exact, positive evidence"
+    )
