@@ -269,7 +269,7 @@ class Controller:
         self, cleanup: DeploymentCleanup, event: NotifyOn | None, text: str, redact: Redactor
     ) -> None:
         webhook = cleanup.spec.notifications.webhook
-        if webhook is None or event is None or event not in webhook.on:
+        if webhook is None or event is None or event not in webhook.events:
             return
         try:
             url = await asyncio.to_thread(

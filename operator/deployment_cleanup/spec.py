@@ -376,7 +376,8 @@ class WebhookSpec(_Model):
     """A Slack-compatible incoming webhook: POST {"text": ...}."""
 
     url_secret_ref: SecretKeyRef
-    on: Annotated[
+    # Not "on": YAML 1.1 reads an unquoted `on:` key as the boolean true.
+    events: Annotated[
         tuple[Annotated[NotifyOn, Field(strict=False)], ...],
         Field(strict=False, min_length=1, max_length=3),
     ] = (NotifyOn.BLOCKED, NotifyOn.FAILED, NotifyOn.APPLIED)

@@ -372,15 +372,15 @@ REFUSED = [
     ),
     pytest.param(
         "spec.notifications",
-        {"webhook": {"urlSecretRef": {"name": "hook", "key": "url"}, "on": []}},
-        ["spec.notifications.webhook.on", "at least 1 items"],
-        id="webhook-on-nothing",
+        {"webhook": {"urlSecretRef": {"name": "hook", "key": "url"}, "events": []}},
+        ["spec.notifications.webhook.events", "at least 1 items"],
+        id="webhook-events-none",
     ),
     pytest.param(
         "spec.notifications",
-        {"webhook": {"urlSecretRef": {"name": "hook", "key": "url"}, "on": ["Exploded"]}},
-        ["spec.notifications.webhook.on[0]", 'Unsupported value: "Exploded"'],
-        id="webhook-on-unknown-outcome",
+        {"webhook": {"urlSecretRef": {"name": "hook", "key": "url"}, "events": ["Exploded"]}},
+        ["spec.notifications.webhook.events[0]", 'Unsupported value: "Exploded"'],
+        id="webhook-events-unknown-outcome",
     ),
     pytest.param(
         "spec.database",

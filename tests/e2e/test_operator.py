@@ -17,11 +17,8 @@ import pytest
 from sqlalchemy import insert
 
 from deployment_cleanup.seed import reference_tables
-from tests.support.controlplane import ControlPlane
 from tests.support.inventory import Seeded, seed
 from tests.support.operator import (
-    CRD,
-    PEERING_CRDS,
     Cluster,
     OperatorProcess,
     cleanup_resource,
@@ -31,27 +28,6 @@ from tests.support.routing_server import RoutingServer
 from tests.support.webhook import WebhookReceiver
 
 TABLES = reference_tables()
-
-
-@pytest.fixture(scope="session")
-def crds(control_plane: ControlPlane) -> ControlPlane:
-    for path in (CRD, PEERING_CRDS):
-        control_plane.kubectl("apply", "--server-side", "-f", str(path))
-    control_plane.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/deploymentcleanups.deployment-cleanup.dev",
-        "crd/kopfpeerings.kopf.dev",
-    )
-    return control_plane
-
-
-@pytest.fixture
-def cluster(crds: ControlPlane) -> Cluster:
-    namespace = f"t-{uuid.uuid4().hex[:10]}"
-    crds.kubectl("create", "namespace", namespace)
-    return Cluster(crds, namespace)
 
 
 @pytest.fixture

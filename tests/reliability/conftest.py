@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import connections, database_url, routing_server, sqlite_url  # noqa: F401
+from tests.support.controlplane import control_plane  # noqa: F401
+from tests.support.operator import cluster, crds  # noqa: F401
 from tests.support.postgres import local_postgres_server, postgres_server, postgres_url  # noqa: F401
 from tests.support.reliability import REPORT_ENV, Outcome, write_report
 

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+import pytest
 import yaml
 
 from deployment_cleanup.spec import API_VERSION, KIND
@@ -187,6 +189,29 @@ class Cluster:
 
     def event_reasons(self) -> list[str]:
         return [e["reason"] for e in self.events()]
+
+
+@pytest.fixture(scope="session")
+def crds(control_plane: ControlPlane) -> ControlPlane:
+    """The control plane with the project's CRDs installed and established."""
+    for path in (CRD, PEERING_CRDS):
+        control_plane.kubectl("apply", "--server-side", "-f", str(path))
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/deploymentcleanups.deployment-cleanup.dev",
+        "crd/kopfpeerings.kopf.dev",
+    )
+    return control_plane
+
+
+@pytest.fixture
+def cluster(crds: ControlPlane) -> Cluster:
+    """A fresh namespace of its own for one test."""
+    namespace = f"t-{uuid.uuid4().hex[:10]}"
+    crds.kubectl("create", "namespace", namespace)
+    return Cluster(crds, namespace)
 
 
 def cleanup_resource(spec: dict[str, Any], name: str = "nightly") -> dict[str, Any]:

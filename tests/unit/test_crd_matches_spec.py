@@ -166,7 +166,7 @@ FULL_DOCUMENTS: list[dict[str, Any]] = [
             "notifications": {
                 "webhook": {
                     "urlSecretRef": {"name": "slack-webhook", "key": "url"},
-                    "on": ["Blocked", "Failed"],
+                    "events": ["Blocked", "Failed"],
                 }
             },
         },
