@@ -109,7 +109,9 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
             await poller
 
 
-@kopf.timer(API_GROUP, VERSION, PLURAL, interval=CONFIG.tick_seconds)
+# A tick that fails (say, the API server is down while status is written) is
+# retried at the next tick, not after kopf's default backoff of a minute.
+@kopf.timer(API_GROUP, VERSION, PLURAL, interval=CONFIG.tick_seconds, backoff=CONFIG.tick_seconds)
 async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     controller: Controller = memo["controller"]
 
