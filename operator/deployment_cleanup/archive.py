@@ -242,6 +242,9 @@ class StateStore:
                         for seq, d in chunk
                     ],
                 )
+            if conn.dialect.name == "postgresql":
+                # Fresh statistics, or the planner walks the whole run for each batch's items.
+                conn.exec_driver_sql(f'ANALYZE "{self.items.name}"')
         run = self.get_run(run_id)
         assert run is not None
         return run

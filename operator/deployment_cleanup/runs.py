@@ -446,6 +446,7 @@ async def _execute(
     state, message = RunState.SUCCEEDED, ""
     # The canary goes first whenever nothing was written yet, resumed or not.
     first = run.archived == 0 and run.skipped == 0
+    done = run.archived + run.skipped
     try:
         while True:
             reason = request.stop_requested()
@@ -472,11 +473,10 @@ async def _execute(
                 now=clock(),
                 routes_guard=conns.routes_guard,
             )
-            current = await asyncio.to_thread(store.get_run, run.id)
-            assert current is not None
+            # Counted here rather than read back: one query less per batch.
+            done += len(result.archived) + len(result.skipped)
             if progress is not None:
-                done = current.archived + current.skipped
-                progress("archive", done, current.candidates, current.id)
+                progress("archive", done, run.candidates, run.id)
             if first and result.skipped:
                 state = RunState.STOPPED
                 message = (
