@@ -138,7 +138,7 @@ class BuildsSchema:
             yield group_id, group  # type: ignore[misc]
 
     def count_unscanned(self, conn: Connection) -> int:
-        """Unarchived builds the scan cannot place in a project (NULL project or status)."""
+        """Builds the scan skips because their project or status is NULL."""
         query = (
             select(func.count())
             .select_from(self.builds)

@@ -406,7 +406,13 @@ class PlanBuilder:
         self._digest = hashlib.sha256(
             json.dumps(self.settings, sort_keys=True, separators=(",", ":")).encode() + b"\n"
         )
-        self._counts = {"projects": 0, "builds": 0, "candidates": 0, "disagreements": 0}
+        self._counts = {
+            "projects": 0,
+            "builds": 0,
+            "candidates": 0,
+            "disagreements": 0,
+            "unscanned": 0,
+        }
         self._counts.update({str(c): 0 for c in Classification})
         self._keep = {str(r): 0 for r in KeepReason}
         self._issues = {str(i): 0 for i in ProjectIssue}
@@ -450,6 +456,10 @@ class PlanBuilder:
             self._digest.update(_candidate_line(decision))
         self._counts["candidates"] = len(self._candidates)
         self._per_project_max = max(self._per_project_max, per_project)
+
+    def note_unscanned(self, count: int) -> None:
+        """Builds with no project or no status: never candidates, but counted so they show."""
+        self._counts["unscanned"] = count
 
     def reference(self) -> ReferenceCounts:
         return ReferenceCounts(

@@ -194,6 +194,8 @@ async def make_plan(
                 receipts = await _lookup_and_classify(
                     conns, builder, projects, units, scan_thread, now, progress
                 )
+            unscanned = await loop.run_in_executor(scan_thread, conns.schema.count_unscanned, conn)
+            builder.note_unscanned(unscanned)
         finally:
             await loop.run_in_executor(scan_thread, conn.close)
     return builder.finish(receipts)

@@ -8,8 +8,10 @@ from sqlalchemy.pool import NullPool
 
 from deployment_cleanup.db import ConfigurationError
 from deployment_cleanup.inventory import check_not_a_standby, reflect_builds_schema
+from deployment_cleanup.runs import make_plan, utc_now
 from deployment_cleanup.spec import DatabaseSpec
-from tests.support.inventory import seed
+from tests.integration.conftest import OpenConnections
+from tests.support.inventory import loose_cleanup, run, seed
 from tests.support.postgres import PostgresServer
 
 
@@ -77,3 +79,32 @@ def test_a_postgres_standby_is_refused(local_postgres_server: PostgresServer) ->
             else:
                 check_not_a_standby(conn)
     standby.close()
+
+
+def test_builds_without_project_or_status_are_counted_and_never_candidates(
+    sqlite_url: str, connections: OpenConnections
+) -> None:
+    engine = create_engine(sqlite_url, poolclass=NullPool)
+    old = "2026-01-01 00:00:00"
+    with engine.begin() as conn:
+        conn.execute(
+            text("CREATE TABLE projects (id INTEGER PRIMARY KEY, active_build_id INTEGER)")
+        )
+        conn.execute(
+            text(
+                "CREATE TABLE builds (id INTEGER PRIMARY KEY, project_id INTEGER, status TEXT, created_at TEXT)"
+            )
+        )
+        conn.execute(text("CREATE TABLE routes (build_id INTEGER, hostname TEXT)"))
+        conn.execute(text("INSERT INTO projects VALUES (1, 3)"))
+        conn.execute(
+            text(
+                f"INSERT INTO builds VALUES (1, 1, 'ready', '{old}'), (2, NULL, 'ready', '{old}'), "
+                f"(3, 1, 'ready', '{old}'), (4, 1, NULL, '{old}')"
+            )
+        )
+        conn.execute(text("INSERT INTO routes VALUES (3, 'live.test')"))
+    c = loose_cleanup(sqlite_url, {"sql": {}}, retention={"keepNewest": 0, "minAge": "1d"})
+    plan = run(make_plan(connections(c), utc_now(), None))
+    assert plan.counts["unscanned"] == 2
+    assert [d.build.id for d in plan.candidates] == [1]

@@ -258,3 +258,31 @@ def test_secret_canaries_on_every_failure_path(
     assert "Failed" in everything or "Blocked" in everything
     outcome.runs += 1
     outcome.notes.append(f"{path}: canaries absent from status, annotations, Events and logs")
+
+
+def test_resource_edited_during_a_run(
+    crds: Any, cluster: Cluster, tmp_path: Path, outcome: Row
+) -> None:
+    builds = fresh_builds(tmp_path, "edited", projects=60)
+    cluster.secret("builds-db", url=builds.url)
+    watch = Watch(builds)
+    with OperatorProcess(cluster.cp, cluster.namespace, tmp_path / "operator.log"):
+        cluster.apply(cleanup_resource(apply_spec()))
+        wait_for(lambda: len(builds.archived()) >= 10, timeout=60, what="archiving under way")
+        # Someone tightens retention mid-run: the approved plan finishes as approved, and the
+        # new generation gets its own plan afterwards (which finds nothing more to archive).
+        edited = apply_spec(retention={"keepNewest": 4, "minAge": "7d"})
+        cluster.apply(cleanup_resource(edited))
+        wait_for(
+            lambda: (
+                cluster.status().get("observedGeneration") == 2
+                and run_state(cluster) == "Succeeded"
+            ),
+            timeout=90,
+            what="the edited generation reconciled",
+        )
+    assert builds.archived() == builds.expected_candidates()  # the first plan, exactly
+    outcome.notes.append(
+        "spec edited mid-apply: the approved plan finished; generation 2 was planned after it"
+    )
+    watch.check(outcome, approved=builds.expected_candidates())
