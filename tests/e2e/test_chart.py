@@ -31,7 +31,7 @@ from tests.support.chart import (
 )
 from tests.support.controlplane import ControlPlane
 from tests.support.inventory import Seeded, seed
-from tests.support.operator import Cluster, cleanup_resource, wait_for
+from tests.support.operator import Cluster, cleanup_resource, cluster_spec, wait_for
 
 CRD_NAMES = [
     "deploymentcleanups.deployment-cleanup.dev",
@@ -408,20 +408,6 @@ def deployment_args(plane: ControlPlane, release: Release) -> list[str]:
     return [str(a) for a in container["args"]]
 
 
-def plan_only_spec() -> dict[str, Any]:
-    return {
-        "mode": "Plan",
-        "database": {"urlSecretRef": {"name": "builds-db", "key": "url"}},
-        "routing": {"sql": {}},
-        "retention": {"keepNewest": 2, "minAge": "7d"},
-        "safety": {
-            "maxArchivedPerRun": 100_000,
-            "maxArchivedPercent": 100,
-            "maxArchivedPerProject": 1000,
-        },
-    }
-
-
 def reconciled(cluster: Cluster, name: str) -> dict[str, Any] | None:
     status = cluster.status(name)
     return status if status.get("observedGeneration") == 1 and status.get("plan") else None
@@ -467,7 +453,7 @@ def test_operator_with_the_charts_service_account_reconciles_a_plan_only_cleanup
     before = builds.statuses()
     name = f"nightly-{mode}"
     with operator:
-        cluster.apply(cleanup_resource(plan_only_spec(), name=name))
+        cluster.apply(cleanup_resource(cluster_spec(mode="Plan"), name=name))
         status = wait_for(lambda: reconciled(cluster, name), timeout=60, what="a recorded plan")
         wait_for(lambda: planned_event(cluster, name), what="a Planned Event")
         peering = peering_object(plane, release, namespace)

@@ -22,6 +22,7 @@ from tests.support.operator import (
     Cluster,
     OperatorProcess,
     cleanup_resource,
+    cluster_spec,
     wait_for,
 )
 from tests.support.routing_server import RoutingServer
@@ -43,22 +44,6 @@ def operator(cluster: Cluster, tmp_path: Path) -> Iterator[OperatorProcess]:
         yield process
 
 
-def spec(url_secret: str = "builds-db", **sections: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "database": {"urlSecretRef": {"name": url_secret, "key": "url"}},
-        "routing": {"sql": {}},
-        "retention": {"keepNewest": 2, "minAge": "7d"},
-        "safety": {
-            "maxArchivedPerRun": 100_000,
-            "maxArchivedPercent": 100,
-            "maxArchivedPerProject": 1000,
-        },
-        "execution": {"batchSize": 20, "canaryBatchSize": 5},
-    }
-    body.update(sections)
-    return body
-
-
 def metric(operator: OperatorProcess, series: str) -> float:
     line = next(x for x in operator.metrics().splitlines() if x.startswith(series + " "))
     return float(line.rsplit(" ", 1)[1])
@@ -74,7 +59,7 @@ def test_plan_only_resource_gets_status_printer_columns_and_events(
 ) -> None:
     cluster.secret("builds-db", url=builds.url)
     before = builds.statuses()
-    cluster.apply(cleanup_resource(spec()))
+    cluster.apply(cleanup_resource(cluster_spec()))
     status = wait_for(lambda: reconciled(cluster), what="a recorded plan")
 
     plan = status["plan"]
@@ -105,7 +90,7 @@ def test_approval_flow_with_a_stale_approval_refused(
 ) -> None:
     cluster.secret("builds-db", url=builds.url)
     before = builds.statuses()
-    cluster.apply(cleanup_resource(spec(mode="Apply")))
+    cluster.apply(cleanup_resource(cluster_spec(mode="Apply")))
     status = wait_for(lambda: reconciled(cluster), what="a plan awaiting approval")
     assert cluster.condition("AwaitingApproval")["status"] == "True"
     first_plan = status["plan"]["id"]
@@ -118,7 +103,9 @@ def test_approval_flow_with_a_stale_approval_refused(
         conn.execute(
             insert(TABLES.routes).values(build_id=victim, hostname="rollback.example.test")
         )
-    cluster.apply(cleanup_resource(spec(mode="Apply", approval={"approvedPlanId": first_plan})))
+    cluster.apply(
+        cleanup_resource(cluster_spec(mode="Apply", approval={"approvedPlanId": first_plan}))
+    )
     status = wait_for(lambda: reconciled(cluster, 2), what="the stale approval refused")
     assert cluster.condition("AwaitingApproval")["status"] == "True"
     assert first_plan in cluster.condition("AwaitingApproval")["message"]
@@ -127,7 +114,9 @@ def test_approval_flow_with_a_stale_approval_refused(
 
     # Approving the current plan archives exactly its candidates.
     current = status["plan"]["id"]
-    cluster.apply(cleanup_resource(spec(mode="Apply", approval={"approvedPlanId": current})))
+    cluster.apply(
+        cleanup_resource(cluster_spec(mode="Apply", approval={"approvedPlanId": current}))
+    )
     status = wait_for(lambda: reconciled(cluster, 3), what="the apply")
     assert status["run"]["state"] == "Succeeded"
     assert cluster.condition("Ready")["reason"] == "Applied"
@@ -166,7 +155,7 @@ def test_failed_lookup_batch_blocks_with_condition_event_and_metric(
         notifications = {"webhook": {"urlSecretRef": {"name": "slack", "key": "url"}}}
         cluster.apply(
             cleanup_resource(
-                spec(
+                cluster_spec(
                     mode="Apply",
                     approval={"mode": "Automatic"},
                     routing=routing_spec,
@@ -196,7 +185,7 @@ def test_operator_killed_mid_apply_resumes_without_archiving_twice_or_outside_th
 ) -> None:
     cluster.secret("builds-db", url=builds.url)
     log = tmp_path / "operator.log"
-    slow = spec(
+    slow = cluster_spec(
         mode="Apply",
         approval={"mode": "Automatic"},
         execution={"batchSize": 5, "canaryBatchSize": 5, "pauseBetweenBatches": "300ms"},
@@ -278,7 +267,7 @@ def test_two_operators_at_once_only_one_acts(
     with a, b:
         cluster.apply(
             cleanup_resource(
-                spec(
+                cluster_spec(
                     mode="Apply",
                     approval={"mode": "Automatic"},
                     execution={
@@ -318,7 +307,7 @@ def test_kill_switch_stops_an_apply_between_batches(
     cluster: Cluster, builds: Seeded, operator: OperatorProcess
 ) -> None:
     cluster.secret("builds-db", url=builds.url)
-    slow = spec(
+    slow = cluster_spec(
         mode="Apply",
         approval={"mode": "Automatic"},
         execution={"batchSize": 5, "canaryBatchSize": 5, "pauseBetweenBatches": "500ms"},
@@ -354,7 +343,7 @@ def test_secrets_never_appear_in_status_events_or_logs(
     cluster.secret("routing-token", token=canary_token)
     cluster.apply(
         cleanup_resource(
-            spec(
+            cluster_spec(
                 routing={
                     "http": {
                         "url": "http://127.0.0.1:9/lookup",
@@ -395,7 +384,9 @@ def test_a_scheduled_apply_only_plans_on_creation_and_reports_its_next_time(
     before = builds.statuses()
     hourly = {"cron": "0 * * * *", "timeZone": "Europe/Berlin"}
     cluster.apply(
-        cleanup_resource(spec(mode="Apply", approval={"mode": "Automatic"}, schedule=hourly))
+        cleanup_resource(
+            cluster_spec(mode="Apply", approval={"mode": "Automatic"}, schedule=hourly)
+        )
     )
     status = wait_for(lambda: reconciled(cluster), what="the first plan")
     assert status["run"]["kind"] == "plan"  # creating a scheduled resource never archives by itself

@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from tests.support.inventory import Seeded, seed
-from tests.support.operator import Cluster, OperatorProcess, cleanup_resource, wait_for
+from tests.support.operator import (
+    Cluster,
+    OperatorProcess,
+    cleanup_resource,
+    cluster_spec,
+    wait_for,
+)
 from tests.support.reliability import Outcome as Row
 from tests.support.reliability import Watch, scale
 
@@ -20,21 +26,9 @@ PACED = {"batchSize": 5, "canaryBatchSize": 5, "pauseBetweenBatches": "200ms"}
 
 
 def apply_spec(**sections: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "mode": "Apply",
-        "approval": {"mode": "Automatic"},
-        "database": {"urlSecretRef": {"name": "builds-db", "key": "url"}},
-        "routing": {"sql": {}},
-        "retention": {"keepNewest": 2, "minAge": "7d"},
-        "safety": {
-            "maxArchivedPerRun": 100_000,
-            "maxArchivedPercent": 100,
-            "maxArchivedPerProject": 1000,
-        },
-        "execution": PACED,
-    }
-    body.update(sections)
-    return body
+    return cluster_spec(
+        **({"mode": "Apply", "approval": {"mode": "Automatic"}, "execution": PACED} | sections)
+    )
 
 
 def run_state(cluster: Cluster) -> str | None:

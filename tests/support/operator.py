@@ -214,5 +214,23 @@ def cluster(crds: ControlPlane) -> Cluster:
     return Cluster(crds, namespace)
 
 
+def cluster_spec(**sections: Any) -> dict[str, Any]:
+    """A spec as deployed: the database URL from Secret builds-db, the routes table, and
+    thresholds wide enough that only the behaviour under test can block a run."""
+    body: dict[str, Any] = {
+        "database": {"urlSecretRef": {"name": "builds-db", "key": "url"}},
+        "routing": {"sql": {}},
+        "retention": {"keepNewest": 2, "minAge": "7d"},
+        "safety": {
+            "maxArchivedPerRun": 100_000,
+            "maxArchivedPercent": 100,
+            "maxArchivedPerProject": 1000,
+        },
+        "execution": {"batchSize": 20, "canaryBatchSize": 5},
+    }
+    body.update(sections)
+    return body
+
+
 def cleanup_resource(spec: dict[str, Any], name: str = "nightly") -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec}
