@@ -36,6 +36,7 @@ from sqlalchemy import (
     and_,
     exists,
     insert,
+    literal,
     select,
     update,
 )
@@ -402,32 +403,33 @@ class StateStore:
             for item in todo:
                 if item.build_id not in done:
                     skipped[item.build_id] = self._why_skipped(conn, item, routes_guard)
-            by_id = {b.build_id: b for b in batch}
             if archived:
-                evidence = dict(
-                    conn.execute(
-                        select(self.items.c.build_id, self.items.c.evidence).where(
-                            self.items.c.run_id == run_id, self.items.c.build_id.in_(archived)
-                        )
-                    ).all()
-                )
-                conn.execute(
-                    insert(self.audit),
-                    [
-                        {
-                            "run_id": run_id,
-                            "build_id": b,
-                            "project_id": by_id[b].project_id,
-                            "action": "archive",
-                            "previous_status": by_id[b].previous_status,
-                            "new_status": archived_status,
-                            "at": now,
-                            "fencing_token": fence.token,
-                            "evidence": evidence[b],
-                        }
-                        for b in archived
-                    ],
-                )
+                # The audit rows are copied from the items on the server: one statement,
+                # and the evidence never travels to this process and back.
+                source = self.items.c
+                audited = select(
+                    source.run_id,
+                    source.build_id,
+                    source.project_id,
+                    literal("archive"),
+                    source.previous_status,
+                    literal(archived_status),
+                    literal(now, DateTime(timezone=True)),
+                    literal(fence.token),
+                    source.evidence,
+                ).where(source.run_id == run_id, source.build_id.in_(archived))
+                columns = [
+                    "run_id",
+                    "build_id",
+                    "project_id",
+                    "action",
+                    "previous_status",
+                    "new_status",
+                    "at",
+                    "fencing_token",
+                    "evidence",
+                ]
+                conn.execute(insert(self.audit).from_select(columns, audited))
                 conn.execute(
                     update(self.items)
                     .where(self.items.c.run_id == run_id, self.items.c.build_id.in_(archived))
