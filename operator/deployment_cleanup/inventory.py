@@ -19,15 +19,19 @@ from .db import ConfigurationError
 from .planning import Build, BuildId, ProjectId
 from .spec import DatabaseSpec
 
-__all__ = ["BuildsSchema", "ProjectRow", "check_not_a_standby", "reflect_builds_schema"]
+__all__ = ["BuildsSchema", "ProjectBuilds", "check_not_a_standby", "reflect_builds_schema"]
 
-PAGE_SIZE = 5000
+PAGE_SIZE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
-class ProjectRow:
-    id: ProjectId
+class ProjectBuilds:
+    """One project's unarchived builds, with its row's active build as read in the same page."""
+
+    project_id: ProjectId
     active_build_id: BuildId | None
+    project_known: bool  # False: no projects row names this project
+    builds: list[Build]
 
 
 def _coercer(python_type: type) -> Callable[[object], Any]:
@@ -81,61 +85,54 @@ class BuildsSchema:
             "builds": self.spec.builds.model_dump(by_alias=True),
         }
 
-    def iter_projects(self, conn: Connection, page_size: int = PAGE_SIZE) -> Iterator[ProjectRow]:
-        last: object = None
-        while True:
-            query = (
-                select(self.project_id, self.project_active)
-                .order_by(self.project_id)
-                .limit(page_size)
-            )
-            if last is not None:
-                query = query.where(self.project_id > last)
-            rows = conn.execute(query).all()
-            for project_id, active in rows:
-                yield ProjectRow(project_id, active)
-            if len(rows) < page_size:
-                return
-            last = rows[-1][0]
-
     def iter_project_builds(
         self, conn: Connection, page_size: int = PAGE_SIZE
-    ) -> Iterator[tuple[ProjectId, list[Build]]]:
-        """Every project's unarchived builds, one project at a time, in (project_id, id) order."""
+    ) -> Iterator[ProjectBuilds]:
+        """Every project with unarchived builds, one at a time, in (project_id, id) order.
+
+        Each page joins the projects table, so a project's active build is read
+        with its builds. A project spanning pages keeps the first page's active
+        build: the archive re-checks the live value anyway.
+        """
         archived = self.spec.archived_status
-        columns = (self.build_project, self.build_id, self.build_status, self.build_created)
         key = tuple_(self.build_project, self.build_id)
-        last: tuple[object, object] | None = None
-        group_id: ProjectId | None = None
-        group: list[Build] = []
-        while True:
-            query = (
-                select(*columns)
-                .where(self.build_status != archived, self.build_project.is_not(None))
-                .order_by(self.build_project, self.build_id)
-                .limit(page_size)
+        query = (
+            select(
+                self.build_project,
+                self.build_id,
+                self.build_status,
+                self.build_created,
+                self.project_active,
+                self.project_id,
             )
-            if last is not None:
-                query = query.where(key > tuple_(*last))
-            rows = conn.execute(query).all()
-            for project_id, build_id, status, created_at in rows:
-                if project_id != group_id and group:
-                    yield group_id, group  # type: ignore[misc]
-                    group = []
-                group_id = project_id
-                group.append(
-                    Build(
-                        build_id,
-                        project_id,
-                        status,
-                        None if created_at is None else aware_utc(created_at),
-                    )
-                )
+            .select_from(
+                self.builds.outerjoin(self.projects, self.project_id == self.build_project)
+            )
+            .where(self.build_status != archived, self.build_project.is_not(None))
+            .order_by(self.build_project, self.build_id)
+            .limit(page_size)
+        )
+        # PostgreSQL's timestamptz arrives aware; only naive values (SQLite) need converting.
+        convert = conn.dialect.name != "postgresql" or not getattr(
+            self.build_created.type, "timezone", False
+        )
+        last: tuple[object, object] | None = None
+        group: ProjectBuilds | None = None
+        while True:
+            page = query if last is None else query.where(key > tuple_(*last))
+            rows = conn.execute(page).all()
+            for project_id, build_id, status, created, active, known in rows:
+                if group is None or project_id != group.project_id:
+                    if group is not None:
+                        yield group
+                    group = ProjectBuilds(project_id, active, known is not None, [])
+                at = aware_utc(created) if convert and created is not None else created
+                group.builds.append(Build(build_id, project_id, status, at))
             if len(rows) < page_size:
                 break
             last = (rows[-1][0], rows[-1][1])
-        if group:
-            yield group_id, group  # type: ignore[misc]
+        if group is not None:
+            yield group
 
     def count_unscanned(self, conn: Connection) -> int:
         """Builds the scan skips because their project or status is NULL."""

@@ -22,14 +22,12 @@ from sqlalchemy import Engine, MetaData, Table, exists
 
 from .archive import Fence, FencingLost, LockHeld, PendingItem, RestoreResult, StateStore
 from .db import ConfigurationError, Redactor, SecretResolver, make_engine, resolve_url
-from .inventory import BuildsSchema, ProjectRow, check_not_a_standby, reflect_builds_schema
+from .inventory import BuildsSchema, ProjectBuilds, check_not_a_standby, reflect_builds_schema
 from .planning import (
-    Build,
     BuildId,
     LookupReceipt,
     Plan,
     PlanBuilder,
-    ProjectId,
     ReferenceCounts,
     RouteAnswer,
     classify_project,
@@ -139,27 +137,25 @@ def connect(
 class _Unit:
     """Whole projects whose builds are looked up together, in one or more batches."""
 
-    groups: list[tuple[ProjectId, list[Build]]]
+    groups: list[ProjectBuilds]
     tasks: list[asyncio.Task[tuple[LookupReceipt, dict[BuildId, RouteAnswer]]]]
 
 
-def _units(
-    groups: Iterator[tuple[ProjectId, list[Build]]], batch_size: int
-) -> Iterator[list[tuple[ProjectId, list[Build]]]]:
+def _units(groups: Iterator[ProjectBuilds], batch_size: int) -> Iterator[list[ProjectBuilds]]:
     """Whole projects packed into units of at most ``batch_size`` builds.
 
     A project larger than a batch gets a unit of its own, looked up in several
     batches; a project is never split across units, so it is decided once all
     of its answers are in.
     """
-    unit: list[tuple[ProjectId, list[Build]]] = []
+    unit: list[ProjectBuilds] = []
     size = 0
     for group in groups:
-        if unit and size + len(group[1]) > batch_size:
+        if unit and size + len(group.builds) > batch_size:
             yield unit
             unit, size = [], 0
         unit.append(group)
-        size += len(group[1])
+        size += len(group.builds)
     if unit:
         yield unit
 
@@ -186,13 +182,10 @@ async def make_plan(
         conn = await loop.run_in_executor(scan_thread, conns.engine.connect)
         try:
             await loop.run_in_executor(scan_thread, check_not_a_standby, conn)
-            projects: dict[ProjectId, ProjectRow] = await loop.run_in_executor(
-                scan_thread, lambda: {p.id: p for p in conns.schema.iter_projects(conn)}
-            )
             units = _units(conns.schema.iter_project_builds(conn), routing.batch_size)
             async with conns.routing:
                 receipts = await _lookup_and_classify(
-                    conns, builder, projects, units, scan_thread, now, progress
+                    conns, builder, units, scan_thread, now, progress
                 )
             unscanned = await loop.run_in_executor(scan_thread, conns.schema.count_unscanned, conn)
             builder.note_unscanned(unscanned)
@@ -204,8 +197,7 @@ async def make_plan(
 async def _lookup_and_classify(
     conns: Connections,
     builder: PlanBuilder,
-    projects: dict[ProjectId, ProjectRow],
-    units: Iterator[list[tuple[ProjectId, list[Build]]]],
+    units: Iterator[list[ProjectBuilds]],
     scan_thread: ThreadPoolExecutor,
     now: datetime,
     progress: Progress | None,
@@ -247,14 +239,13 @@ async def _lookup_and_classify(
             receipts.append(receipt)
             looked_up += receipt.size
             answers.update(batch_answers)
-        for project_id, builds in unit.groups:
-            project = projects.get(project_id)
+        for group in unit.groups:
             builder.add(
                 classify_project(
-                    project_id,
-                    None if project is None else project.active_build_id,
-                    project is not None,
-                    builds,
+                    group.project_id,
+                    group.active_build_id,
+                    group.project_known,
+                    group.builds,
                     answers,
                     spec.retention,
                     now,
@@ -267,7 +258,7 @@ async def _lookup_and_classify(
         groups = await loop.run_in_executor(scan_thread, next, units, None)
         if groups is None:
             break
-        ids = [b.id for _, builds in groups for b in builds]
+        ids = [b.id for group in groups for b in group.builds]
         tasks = []
         for start in range(0, len(ids), routing.batch_size):
             tasks.append(

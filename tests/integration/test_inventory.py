@@ -25,16 +25,20 @@ def test_keyset_scan_yields_every_unarchived_build_once_grouped_by_project(
     schema = reflect_builds_schema(seeded.engine, DatabaseSpec(url=database_url))
     with seeded.engine.connect() as conn:
         groups = list(schema.iter_project_builds(conn, page_size=page_size))
-        projects = list(schema.iter_projects(conn, page_size=page_size))
-    seen = [b.id for _, builds in groups for b in builds]
+        active = dict(conn.execute(text("SELECT id, active_build_id FROM projects")).all())
+    seen = [b.id for g in groups for b in g.builds]
     expected = {b for b, s in seeded.statuses().items() if s != "archived"}
     assert sorted(seen) == sorted(expected)
     assert len(seen) == len(set(seen))
-    assert [p for p, _ in groups] == sorted({p for p, _ in groups})  # each project once, in order
-    assert all(b.project_id == p for p, builds in groups for b in builds)
-    assert len(projects) == 23
+    ids = [g.project_id for g in groups]
+    assert ids == sorted(set(ids))  # each project once, in order, even across pages
+    assert all(b.project_id == g.project_id for g in groups for b in g.builds)
+    # The join brings each project's active build along with its builds.
+    assert all(g.project_known and g.active_build_id == active[g.project_id] for g in groups)
     assert all(
-        b.created_at is not None and b.created_at.tzinfo is not None for _, bs in groups for b in bs
+        b.created_at is not None and b.created_at.tzinfo is not None
+        for g in groups
+        for b in g.builds
     )
 
 
@@ -108,3 +112,33 @@ def test_builds_without_project_or_status_are_counted_and_never_candidates(
     plan = run(make_plan(connections(c), utc_now(), None))
     assert plan.counts["unscanned"] == 2
     assert [d.build.id for d in plan.candidates] == [1]
+
+
+def test_builds_of_a_project_without_a_projects_row_are_all_kept(
+    sqlite_url: str, connections: OpenConnections
+) -> None:
+    engine = create_engine(sqlite_url, poolclass=NullPool)
+    old = "2026-01-01 00:00:00"
+    with engine.begin() as conn:
+        conn.execute(
+            text("CREATE TABLE projects (id INTEGER PRIMARY KEY, active_build_id INTEGER)")
+        )
+        conn.execute(
+            text(
+                "CREATE TABLE builds (id INTEGER PRIMARY KEY, project_id INTEGER, status TEXT, created_at TEXT)"
+            )
+        )
+        conn.execute(text("CREATE TABLE routes (build_id INTEGER, hostname TEXT)"))
+        conn.execute(text("INSERT INTO projects VALUES (1, 2)"))
+        # Project 7 has builds but no row: its active build is unknown, so nothing of it goes.
+        conn.execute(
+            text(
+                f"INSERT INTO builds VALUES (1, 1, 'ready', '{old}'), (2, 1, 'ready', '{old}'), "
+                f"(3, 7, 'ready', '{old}'), (4, 7, 'ready', '{old}')"
+            )
+        )
+    c = loose_cleanup(sqlite_url, {"sql": {}}, retention={"keepNewest": 0, "minAge": "1d"})
+    plan = run(make_plan(connections(c), utc_now(), None))
+    assert [d.build.id for d in plan.candidates] == [1]
+    assert plan.project_issues["projectRowMissing"] == 1
+    assert plan.counts["builds"] == 4
