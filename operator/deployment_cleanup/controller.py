@@ -19,7 +19,7 @@ from typing import Any
 
 from .archive import RestoreResult
 from .db import Redactor
-from .kube import KillSwitch, KubeApi, KubeSecrets
+from .kube import KillSwitch, KubeApi, KubeSecrets, KubeUnavailable, unavailable
 from .metrics import (
     BUILDS_ARCHIVED,
     BUILDS_RESTORED,
@@ -140,6 +140,11 @@ class Controller:
             history = await asyncio.to_thread(conns.store.list_runs, cleanup.key)
         except Exception as exc:  # every failure becomes a Failed status, an Event and a retry
             message = redact(f"{type(exc).__name__}: {exc}")[:1000]
+            if unavailable(exc):
+                # The API server is away (restarting, overloaded): not this run's fault, so no
+                # Failed status and no growing backoff; kopf retries at the next tick.
+                logger.warning("%s: Kubernetes API unavailable: %s", cleanup.key, message)
+                raise KubeUnavailable(message) from None
             logger.warning("%s: run failed: %s", cleanup.key, message)
             await self._failed(cleanup, status, message, post, labels)
             return

@@ -84,7 +84,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 70
     kube = KubeApi(await asyncio.to_thread(load_kube_config))
-    kill_switch = KillSwitch(CONFIG.kill_switch_namespace, CONFIG.kill_switch_name)
+    kill_switch = KillSwitch(
+        CONFIG.kill_switch_namespace,
+        CONFIG.kill_switch_name,
+        max_age=max(30.0, 10 * CONFIG.kill_switch_poll_seconds),
+    )
     await asyncio.to_thread(kill_switch.refresh, kube)
     memo["controller"] = Controller(kube, kill_switch, CONFIG.identity, utc_now)
     memo["kill_switch_poller"] = asyncio.create_task(_poll_kill_switch(kube, kill_switch))

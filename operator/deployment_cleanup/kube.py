@@ -9,21 +9,43 @@ from __future__ import annotations
 
 import base64
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from .db import ConfigurationError
 from .spec import API_GROUP, SecretKeyRef
 
-__all__ = ["KillSwitch", "KubeApi", "KubeSecrets", "load_kube_config"]
+__all__ = [
+    "KillSwitch",
+    "KubeApi",
+    "KubeSecrets",
+    "KubeUnavailable",
+    "load_kube_config",
+    "unavailable",
+]
 
 VERSION = "v1alpha1"
 PLURAL = "deploymentcleanups"
 _TRUE = {"true", "1", "yes", "on"}
+# (connect, read) seconds for every call: a call that never returns would freeze a tick.
+REQUEST_TIMEOUT = (5.0, 30.0)
+
+
+class KubeUnavailable(Exception):
+    """The API server could not be reached or answered 429/5xx: retry soon, it is not the run."""
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether an error from the Kubernetes client means the API server is away or overloaded."""
+    if isinstance(exc, KubeUnavailable | urllib3.exceptions.HTTPError | ConnectionError):
+        return True
+    return isinstance(exc, ApiException) and (exc.status == 429 or (exc.status or 0) >= 500)
 
 
 def load_kube_config() -> client.ApiClient:
@@ -50,13 +72,21 @@ class KubeApi:
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """A merge patch of the status subresource; the spec is never touched."""
         self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)}
+            API_GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": dict(status)},
+            _request_timeout=REQUEST_TIMEOUT,
         )
 
     def read_flag(self, namespace: str, name: str, key: str) -> bool:
         """Whether a ConfigMap's key says true; a missing ConfigMap or key is false."""
         try:
-            cm = self.core.read_namespaced_config_map(name, namespace)
+            cm = self.core.read_namespaced_config_map(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -74,8 +104,14 @@ class KubeSecrets:
     def resolve(self, ref: SecretKeyRef) -> str:
         where = f"Secret {self.namespace}/{ref.name}"
         try:
-            secret = self.kube.core.read_namespaced_secret(ref.name, self.namespace)
-        except ApiException as exc:
+            secret = self.kube.core.read_namespaced_secret(
+                ref.name, self.namespace, _request_timeout=REQUEST_TIMEOUT
+            )
+        except Exception as exc:
+            if unavailable(exc):
+                raise KubeUnavailable(f"cannot read {where}: {type(exc).__name__}") from None
+            if not isinstance(exc, ApiException):
+                raise
             if exc.status == 404:
                 raise ConfigurationError(f"{where} does not exist") from None
             if exc.status == 403:
@@ -88,31 +124,54 @@ class KubeSecrets:
 
 
 class KillSwitch:
-    """The global kill switch, as last read. Fails closed: an unreadable switch counts as on."""
+    """The global kill switch, as last read. Fails closed: a switch that cannot be read, or
+    whose last good read is older than ``max_age`` seconds (a stuck poller), counts as on."""
 
-    def __init__(self, namespace: str, name: str, key: str = "enabled") -> None:
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        key: str = "enabled",
+        *,
+        max_age: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.namespace = namespace
         self.name = name
         self.key = key
+        self.max_age = max_age
+        self._clock = clock
         self._lock = threading.Lock()
         self._on = True
         self._why = "not read yet"
+        self._read_at: float | None = None
 
     def refresh(self, kube: KubeApi) -> None:
+        read_at: float | None = self._clock()
         try:
             on = kube.read_flag(self.namespace, self.name, self.key)
             why = f"ConfigMap {self.namespace}/{self.name} has {self.key}=true" if on else ""
         except Exception as exc:  # any failure to read it must stop destructive work
             on, why = True, f"the kill switch ConfigMap cannot be read ({type(exc).__name__})"
+            read_at = None
         with self._lock:
             self._on, self._why = on, why
+            if read_at is not None:
+                self._read_at = read_at
+
+    def _state(self) -> tuple[bool, str]:
+        with self._lock:
+            on, why, read_at = self._on, self._why, self._read_at
+        if not on and read_at is not None and self._clock() - read_at > self.max_age:
+            age = self._clock() - read_at
+            return True, f"last read {age:.0f}s ago, more than {self.max_age:g}s (stale)"
+        return on, why
 
     @property
     def on(self) -> bool:
-        with self._lock:
-            return self._on
+        return self._state()[0]
 
     def reason(self) -> str | None:
         """For the engine's stop check: why to stop, or None to go on."""
-        with self._lock:
-            return f"kill switch: {self._why}" if self._on else None
+        on, why = self._state()
+        return f"kill switch: {why}" if on else None
