@@ -205,23 +205,23 @@ def markdown(results: dict[str, Any]) -> str:
                 "database",
                 "builds",
                 "connect (s)",
-                "make_plan (s)",
-                "record_run (s)",
+                "plan incl. streamed recording (s)",
+                "of it: last chunk, run row, commit (s)",
                 "prune_plan_items (s)",
                 "last lookup progress (s)",
                 "ordered scan floor (s)",
                 "lookup batches",
                 "CPU (s)",
                 "GC (s)",
-                "RSS after connect / make_plan / record_run (MiB)",
+                "RSS after connect / last chunk / plan (MiB)",
             ],
             [
                 [
                     i["database"],
                     f"{i['builds']:,}",
                     _seconds(i["engine"]["connect_seconds"]),
-                    _seconds(i["engine"]["seconds_by_function"].get("make_plan", 0.0)),
-                    _seconds(i["engine"]["seconds_by_function"].get("record_run", 0.0)),
+                    _seconds(i["engine"]["seconds_by_function"].get("_make_plan", 0.0)),
+                    _seconds(i["engine"]["seconds_by_function"].get("finish", 0.0)),
                     _seconds(i["engine"]["seconds_by_function"].get("prune_plan_items", 0.0)),
                     _seconds(i["engine"]["progress_seconds"].get("lookups", [0.0])[-1]),
                     _seconds(i["floor"]["ordered_scan_seconds"]),
@@ -230,7 +230,7 @@ def markdown(results: dict[str, Any]) -> str:
                     _seconds(sum(i["engine"]["gc_seconds_by_generation"])),
                     " / ".join(
                         str(i["engine"]["memory_mib"].get(point, {}).get("VmRSS", "-"))
-                        for point in ("after connect", "after make_plan", "after record_run")
+                        for point in ("after connect", "after finish", "after _make_plan")
                     ),
                 ]
                 for i in results["inventories"]
@@ -253,7 +253,7 @@ def markdown(results: dict[str, Any]) -> str:
                     "builds",
                     "archived",
                     "plan (s)",
-                    "record items (s)",
+                    "last chunk + commit (s)",
                     "batches (s)",
                     "archive (s)",
                     "archived/s",

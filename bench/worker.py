@@ -7,8 +7,10 @@
 * ``archive``: ``apply`` of the current plan (approved as current) and ``restore`` of that run,
   with the plan, the recording of the items and the archive batches timed separately.
 
-Phases are timed by wrapping engine functions in this process only (``runs.make_plan``,
-``StateStore`` methods); the engine's code is not changed.
+Phases are timed by wrapping engine functions in this process only (``runs._make_plan``: the
+plan with its candidates streamed into the items table; ``PlanRecorder.finish``: the last
+chunk, the run row, ANALYZE and the commit; ``StateStore`` methods); the engine's code is not
+changed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from deployment_cleanup import runs
 from deployment_cleanup.archive import StateStore
 from deployment_cleanup.db import EnvironmentSecrets
 from deployment_cleanup.planning import Plan
+from deployment_cleanup.recording import PlanRecorder
 from deployment_cleanup.runs import ApplyRequest, Connections, apply, connect, plan_and_record
 from deployment_cleanup.spec import API_VERSION, KIND, DeploymentCleanup, parse_cleanup
 from deployment_cleanup.status import build_status
@@ -45,7 +48,6 @@ TIMED_STORE_METHODS = (
     "ensure_tables",
     "last_successful_reference",
     "last_successful_reference_count",
-    "record_run",
     "prune_plan_items",
     "pending_items",
     "archive_batch",
@@ -252,12 +254,12 @@ async def measure_plan(conns: Connections, probe: Probe) -> dict[str, Any]:
     if not plan.ready:
         raise SystemExit(f"the benchmark plan is not ready: {plan.message}")
     stats = lookup_stats(plan)
-    make_plan_seconds = probe.seconds["make_plan"]
+    make_plan_seconds = probe.seconds["_make_plan"]
     return {
         "outcome": str(result.outcome),
         "plan_seconds": round(seconds, 4),
         "counts": dict(plan.counts),
-        "candidates": len(plan.candidates),
+        "candidates": plan.candidate_count,
         "lookups": stats
         | {
             "ids_per_second": round(stats["ids"] / make_plan_seconds, 1)
@@ -275,8 +277,8 @@ async def measure_archive(conns: Connections, probe: Probe) -> dict[str, Any]:
     run = result.run
     if run is None or result.outcome is not runs.Outcome.SUCCEEDED:
         raise SystemExit(f"the benchmark apply did not succeed: {result.message}")
-    plan_seconds = probe.seconds["make_plan"]
-    record_seconds = probe.seconds["record_run"]
+    plan_seconds = probe.seconds["_make_plan"]
+    record_seconds = probe.seconds["finish"]
     began = time.perf_counter()
     restored = await runs.restore(conns, run.id, None, datetime.now(UTC))
     restore_seconds = time.perf_counter() - began
@@ -316,10 +318,11 @@ def main() -> None:
     config: WorkerConfig = json.loads(sys.argv[1])
     probe = Probe(config["trace_memory"])
     # plan_and_record and apply look these names up at call time, so the wrappers see every call.
-    probe.wrap_async(runs, "make_plan", checkpoint=True)
+    probe.wrap_async(runs, "_make_plan", checkpoint=True)
+    probe.wrap(PlanRecorder, "finish", checkpoint=True)
     probe.wrap_async(runs, "_recheck_routing")
     for name in TIMED_STORE_METHODS:
-        probe.wrap(StateStore, name, checkpoint=name == "record_run")
+        probe.wrap(StateStore, name)
     result = asyncio.run(measure(config, probe))
     print(json.dumps(result | probe.report()))
 

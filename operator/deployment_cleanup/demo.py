@@ -127,7 +127,7 @@ async def _replay(directory: Path, out: TextIO) -> bool:
             live_archived = _live_archived(engine, seeded.routed | set(seeded.active.values()))
             out.write(f"\nLive builds archived: {live_archived}\n")
             ok &= applied.outcome is Outcome.SUCCEEDED and live_archived == 0
-            ok &= _archived(engine) == len(ready.plan.candidates)
+            ok &= _archived(engine) == ready.plan.candidate_count
 
             assert applied.run is not None
             _heading(out, f"4. Restore the whole run {applied.run.id} in one command")

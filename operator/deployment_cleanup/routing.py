@@ -260,9 +260,9 @@ class HttpRouting:
             answers = parse_answer(wire_ids, response.content)
         except AnswerError as exc:
             raise _Fatal(f"bad answer: {exc}") from None
-        return {
-            by_wire[w]: RouteAnswer(routed, self.source, index) for w, routed in answers.items()
-        }
+        # Two shared answers per batch: a million builds need not be a million objects.
+        yes, no = RouteAnswer(True, self.source, index), RouteAnswer(False, self.source, index)
+        return {by_wire[w]: yes if routed else no for w, routed in answers.items()}
 
     async def lookup(self, index: int, ids: Sequence[BuildId]) -> BatchResult:
         by_wire = {str(i): i for i in ids}
@@ -332,8 +332,11 @@ class SqlRouting:
         for key, hostname in rows:
             if key in keys:
                 hosts.setdefault(keys[key], str(hostname))
+        no = RouteAnswer(False, self.source, index)
         return {
-            build_id: RouteAnswer(build_id in hosts, self.source, index, hosts.get(build_id))
+            build_id: RouteAnswer(True, self.source, index, hosts[build_id])
+            if build_id in hosts
+            else no
             for build_id in ids
         }
 

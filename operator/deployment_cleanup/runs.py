@@ -33,6 +33,7 @@ from .planning import (
     classify_project,
     plan_settings,
 )
+from .recording import PlanRecorder
 from .routing import HttpRouting, RoutingLookup, SqlRouting
 from .runstate import RunKind, RunRecord, RunState
 from .spec import DeploymentCleanup
@@ -43,16 +44,19 @@ __all__ = [
     "Outcome",
     "Progress",
     "RunResult",
+    "RunRow",
     "apply",
     "connect",
     "make_plan",
     "new_run_id",
     "plan_and_record",
+    "plan_and_record_run",
     "restore",
     "utc_now",
 ]
 
 LOCK_TTL = timedelta(minutes=5)
+RECORD_CHUNK = 5000
 PLAN_RUNS_WITH_ITEMS = 10
 
 Progress = Callable[[str, int, int, str | None], None]
@@ -167,6 +171,56 @@ async def make_plan(
     progress: Progress | None = None,
 ) -> Plan:
     """Scan the inventory, look every build up, and decide. Writes nothing."""
+    return await _make_plan(conns, now, previous_reference, progress, None)
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """How a finished plan is recorded: decided from the plan alone."""
+
+    kind: RunKind
+    state: RunState
+    message: str
+
+
+@dataclass(frozen=True)
+class _Recording:
+    run_id: str
+    outcome: str  # the items' outcome as written: "pending" for an apply, else "planned"
+    decide: Callable[[Plan], RunRow]
+
+
+async def plan_and_record_run(
+    conns: Connections,
+    now: datetime,
+    progress: Progress | None,
+    outcome: str,
+    decide: Callable[[Plan], RunRow],
+) -> tuple[Plan, RunRow, RunRecord]:
+    """Plan, recording candidates as they are found and the run row last (one transaction)."""
+    store = conns.store
+    await asyncio.to_thread(store.ensure_tables)
+    previous = await asyncio.to_thread(store.last_successful_reference, conns.cleanup.key)
+    decided: list[RunRow] = []
+
+    def decide_once(plan: Plan) -> RunRow:
+        decided.append(decide(plan))
+        return decided[0]
+
+    recording = _Recording(new_run_id(now), outcome, decide_once)
+    plan = await _make_plan(conns, now, previous, progress, recording)
+    run = await asyncio.to_thread(store.get_run, recording.run_id)
+    assert run is not None
+    return plan, decided[0], run
+
+
+async def _make_plan(
+    conns: Connections,
+    now: datetime,
+    previous_reference: ReferenceCounts | None,
+    progress: Progress | None,
+    recording: _Recording | None,
+) -> Plan:
     spec = conns.cleanup.spec
     routing = spec.routing
     builder = PlanBuilder(
@@ -175,23 +229,48 @@ async def make_plan(
             spec.retention, spec.safety, spec.database.archived_status, conns.schema.settings()
         ),
         previous_reference,
+        keep_candidates=recording is None,
     )
     loop = asyncio.get_running_loop()
-    # One thread owns the scan's connection: SQLite connections refuse other threads.
+    # One thread owns the scan's connection (SQLite connections refuse other threads);
+    # the candidates are written on it too, in the scan's transaction.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inventory-scan") as scan_thread:
         conn = await loop.run_in_executor(scan_thread, conns.engine.connect)
         try:
+            recorder = (
+                None
+                if recording is None
+                else PlanRecorder(
+                    conns.store, conn, recording.run_id, conns.cleanup.key, recording.outcome, now
+                )
+            )
             await loop.run_in_executor(scan_thread, check_not_a_standby, conn)
             units = _units(conns.schema.iter_project_builds(conn), routing.batch_size)
             async with conns.routing:
                 receipts = await _lookup_and_classify(
-                    conns, builder, units, scan_thread, now, progress
+                    conns, builder, units, scan_thread, now, progress, recorder
                 )
             unscanned = await loop.run_in_executor(scan_thread, conns.schema.count_unscanned, conn)
             builder.note_unscanned(unscanned)
+            plan = builder.finish(receipts)
+            if recorder is not None and recording is not None:
+                row = recording.decide(plan)
+                await loop.run_in_executor(
+                    scan_thread, recorder.finish, plan, row.kind, row.state, row.message
+                )
         finally:
+            # Closing without a commit rolls back whatever a failed plan had written.
             await loop.run_in_executor(scan_thread, conn.close)
-    return builder.finish(receipts)
+    return plan
+
+
+def _next_unit(
+    units: Iterator[list[ProjectBuilds]], recorder: PlanRecorder | None
+) -> list[ProjectBuilds] | None:
+    """On the scan thread: write queued candidates in chunks, then read the next unit."""
+    if recorder is not None:
+        recorder.flush(at_least=RECORD_CHUNK)
+    return next(units, None)
 
 
 async def _lookup_and_classify(
@@ -201,6 +280,7 @@ async def _lookup_and_classify(
     scan_thread: ThreadPoolExecutor,
     now: datetime,
     progress: Progress | None,
+    recorder: PlanRecorder | None,
 ) -> list[LookupReceipt]:
     spec = conns.cleanup.spec
     routing = spec.routing
@@ -240,7 +320,7 @@ async def _lookup_and_classify(
             looked_up += receipt.size
             answers.update(batch_answers)
         for group in unit.groups:
-            builder.add(
+            accepted = builder.add(
                 classify_project(
                     group.project_id,
                     group.active_build_id,
@@ -251,11 +331,13 @@ async def _lookup_and_classify(
                     now,
                 )
             )
+            if recorder is not None and accepted:
+                recorder.add(accepted)
         if progress is not None:
             progress("lookups", looked_up, 0, None)
 
     while True:
-        groups = await loop.run_in_executor(scan_thread, next, units, None)
+        groups = await loop.run_in_executor(scan_thread, _next_unit, units, recorder)
         if groups is None:
             break
         ids = [b.id for group in groups for b in group.builds]
@@ -297,40 +379,15 @@ async def plan_and_record(
     conns: Connections, now: datetime, progress: Progress | None = None
 ) -> RunResult:
     """Plan, and record the plan (with each candidate's evidence) in the audit store."""
-    store = conns.store
-    await asyncio.to_thread(store.ensure_tables)
-    key = conns.cleanup.key
-    previous = await asyncio.to_thread(store.last_successful_reference, key)
-    plan = await make_plan(conns, now, previous, progress)
-    state = RunState.PLANNED if plan.ready else RunState.BLOCKED
-    run = await _record(store, new_run_id(now), key, RunKind.PLAN, plan, state, plan.message, now)
-    await asyncio.to_thread(store.prune_plan_items, key, PLAN_RUNS_WITH_ITEMS)
+
+    def decide(plan: Plan) -> RunRow:
+        state = RunState.PLANNED if plan.ready else RunState.BLOCKED
+        return RunRow(RunKind.PLAN, state, plan.message)
+
+    plan, _, run = await plan_and_record_run(conns, now, progress, "planned", decide)
+    await asyncio.to_thread(conns.store.prune_plan_items, conns.cleanup.key, PLAN_RUNS_WITH_ITEMS)
     outcome = Outcome.SUCCEEDED if plan.ready else Outcome.BLOCKED
     return RunResult(outcome, plan.message, plan, run)
-
-
-async def _record(
-    store: StateStore,
-    run_id: str,
-    cleanup: str,
-    kind: RunKind,
-    plan: Plan,
-    state: RunState,
-    message: str,
-    now: datetime,
-) -> RunRecord:
-    return await asyncio.to_thread(
-        store.record_run,
-        run_id,
-        cleanup,
-        kind,
-        plan.id,
-        state,
-        plan.reference,
-        plan.candidates,
-        message,
-        now,
-    )
 
 
 @dataclass(frozen=True)
@@ -375,33 +432,31 @@ async def _apply(
     if unfinished is not None:
         return await _execute(conns, unfinished, request, clock, progress, resumed=True)
 
-    now = clock()
-    previous = await asyncio.to_thread(store.last_successful_reference, key)
-    plan = await make_plan(conns, now, previous, progress)
-    run_id = new_run_id(now)
-    if not plan.ready:
-        run = await _record(
-            store, run_id, key, RunKind.APPLY, plan, RunState.BLOCKED, plan.message, now
-        )
-        return RunResult(Outcome.BLOCKED, plan.message, plan, run)
-    # Nothing to archive needs no approval: an applied plan's successor is usually empty.
-    if not plan.candidates:
-        run = await _record(
-            store, run_id, key, RunKind.APPLY, plan, RunState.SUCCEEDED, plan.message, now
-        )
-        return RunResult(Outcome.SUCCEEDED, plan.message, plan, run)
-    approved = request.approved_plan_id
-    if not request.approve_current and approved != plan.id:
-        if approved is None:
-            message = f"plan {plan.id} is ready and waits for approval of that id"
-        else:
-            message = (
-                f"the approved plan {approved} no longer matches the data: the current plan is "
-                f"{plan.id}, which needs its own approval; nothing was archived"
-            )
-        run = await _record(store, run_id, key, RunKind.PLAN, plan, RunState.PLANNED, message, now)
-        return RunResult(Outcome.AWAITING_APPROVAL, message, plan, run)
-    run = await _record(store, run_id, key, RunKind.APPLY, plan, RunState.APPLYING, "applying", now)
+    def decide(plan: Plan) -> RunRow:
+        if not plan.ready:
+            return RunRow(RunKind.APPLY, RunState.BLOCKED, plan.message)
+        # Nothing to archive needs no approval: an applied plan's successor is usually empty.
+        if not plan.candidate_count:
+            return RunRow(RunKind.APPLY, RunState.SUCCEEDED, plan.message)
+        approved = request.approved_plan_id
+        if not request.approve_current and approved != plan.id:
+            if approved is None:
+                message = f"plan {plan.id} is ready and waits for approval of that id"
+            else:
+                message = (
+                    f"the approved plan {approved} no longer matches the data: the current plan "
+                    f"is {plan.id}, which needs its own approval; nothing was archived"
+                )
+            return RunRow(RunKind.PLAN, RunState.PLANNED, message)
+        return RunRow(RunKind.APPLY, RunState.APPLYING, "applying")
+
+    plan, row, run = await plan_and_record_run(conns, clock(), progress, "pending", decide)
+    if row.state is RunState.BLOCKED:
+        return RunResult(Outcome.BLOCKED, row.message, plan, run)
+    if row.state is RunState.SUCCEEDED:
+        return RunResult(Outcome.SUCCEEDED, row.message, plan, run)
+    if row.state is RunState.PLANNED:
+        return RunResult(Outcome.AWAITING_APPROVAL, row.message, plan, run)
     result = await _execute(conns, run, request, clock, progress, resumed=False)
     return RunResult(result.outcome, result.message, plan, result.run)
 

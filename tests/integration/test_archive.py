@@ -14,17 +14,17 @@ from deployment_cleanup.planning import VerdictReason
 from deployment_cleanup.runs import (
     ApplyRequest,
     Outcome,
+    RunRow,
     apply,
-    make_plan,
-    new_run_id,
     plan_and_record,
+    plan_and_record_run,
     restore,
     utc_now,
 )
 from deployment_cleanup.runstate import RunKind, RunState
 from deployment_cleanup.seed import reference_tables
 from tests.integration.conftest import OpenConnections
-from tests.support.inventory import Seeded, loose_cleanup, run, seed
+from tests.support.inventory import Seeded, loose_cleanup, recorded_candidates, run, seed
 
 TABLES = reference_tables()
 
@@ -116,19 +116,14 @@ def _start_apply(conns: Any, seeded: Seeded) -> Any:
 
     async def go() -> Any:
         await asyncio.to_thread(conns.store.ensure_tables)
-        plan = await make_plan(conns, utc_now(), None)
-        now = utc_now()
-        return plan, conns.store.record_run(
-            new_run_id(now),
-            conns.cleanup.key,
-            RunKind.APPLY,
-            plan.id,
-            RunState.APPLYING,
-            plan.reference,
-            plan.candidates,
-            "",
-            now,
+        plan, _, record = await plan_and_record_run(
+            conns,
+            utc_now(),
+            None,
+            "pending",
+            lambda plan: RunRow(RunKind.APPLY, RunState.APPLYING, "applying"),
         )
+        return plan, record
 
     return run(go())
 
@@ -198,7 +193,7 @@ def test_interrupted_apply_resumes_without_rearchiving_or_leaving_the_plan(
 ) -> None:
     seeded = seed(database_url)
     conns = connections(_cleanup(seeded))
-    plan, record = _start_apply(conns, seeded)
+    _, record = _start_apply(conns, seeded)
     fence = conns.store.acquire_lock(
         conns.cleanup.key, "crashed-process", timedelta(seconds=0), utc_now()
     )
@@ -212,7 +207,7 @@ def test_interrupted_apply_resumes_without_rearchiving_or_leaving_the_plan(
     assert result.outcome is Outcome.SUCCEEDED, result.message
     assert result.run is not None
     assert result.run.id == record.id
-    planned = {d.build.id for d in plan.candidates}
+    planned = set(recorded_candidates(conns.store, record.id))
     assert seeded.archived() == planned
     audit = conns.store.audit_rows(record.id)
     assert len(audit) == len({a["build_id"] for a in audit}) == len(planned)

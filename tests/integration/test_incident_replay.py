@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from deployment_cleanup.runs import ApplyRequest, Outcome, apply, plan_and_record, restore, utc_now
 from tests.integration.conftest import OpenConnections
-from tests.support.inventory import http_routing, loose_cleanup, run, seed
+from tests.support.inventory import http_routing, loose_cleanup, recorded_candidates, run, seed
 from tests.support.routing_server import RoutingServer
 
 PROJECTS = 863
@@ -39,7 +39,8 @@ def test_incident_replay(
     assert "routing lookup batches failed, so nothing is archived" in blocked.message
     assert seeded.statuses() == before
     assert blocked.plan.counts["unknown"] > 0
-    assert not {d.build.id for d in blocked.plan.candidates} & seeded.live()
+    assert blocked.run is not None
+    assert not set(recorded_candidates(conns.store, blocked.run.id)) & seeded.live()
 
     routing_server.clear_faults()
     planned = run(plan_and_record(conns, utc_now()))

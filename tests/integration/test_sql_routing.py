@@ -14,7 +14,7 @@ from deployment_cleanup.routing import BatchResult
 from deployment_cleanup.runs import ApplyRequest, Outcome, apply, plan_and_record, utc_now
 from deployment_cleanup.seed import reference_tables
 from tests.integration.conftest import OpenConnections
-from tests.support.inventory import loose_cleanup, run, seed
+from tests.support.inventory import loose_cleanup, recorded_candidates, run, seed
 
 TABLES = reference_tables()
 
@@ -34,7 +34,8 @@ def test_routes_in_another_database_are_used_and_rechecked(
     conns = connections(loose_cleanup(sqlite_url, {"sql": {"url": routes_url}}))
     planned = run(plan_and_record(conns, utc_now()))
     assert planned.plan is not None
-    assert {d.build.id for d in planned.plan.candidates} == seeded.expected_candidates()
+    assert planned.run is not None
+    assert set(recorded_candidates(conns.store, planned.run.id)) == seeded.expected_candidates()
     evidence = planned.plan.candidates[0].evidence()["routing"]
     assert evidence == {"routed": False, "source": "sql", "batch": evidence["batch"]}  # type: ignore[index]
 

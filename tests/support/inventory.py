@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.pool import NullPool
 
+from deployment_cleanup.archive import StateStore
 from deployment_cleanup.seed import SeededInventory, reference_tables, seed_inventory
 from deployment_cleanup.spec import DeploymentCleanup
 
@@ -100,3 +101,11 @@ def http_routing(url: str, **settings: Any) -> dict[str, Any]:
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
+
+
+def recorded_candidates(store: StateStore, run_id: str) -> list[Any]:
+    """A run's candidates as recorded in its items (the plan itself keeps only a sample)."""
+    items = store.items
+    query = select(items.c.build_id).where(items.c.run_id == run_id).order_by(items.c.seq)
+    with store.engine.connect() as conn:
+        return [store.schema.coerce_build_id(b) for (b,) in conn.execute(query)]

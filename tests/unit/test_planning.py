@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from deployment_cleanup.planning import (
+    SAMPLE_SIZE,
     Build,
+    BuildDecision,
     Classification,
     KeepReason,
     LookupReceipt,
@@ -345,3 +348,48 @@ def test_a_receipt_must_be_ok_exactly_when_it_has_no_error() -> None:
         LookupReceipt(0, 1, False, 1, 0.0)
     with pytest.raises(ValueError, match="ok exactly when"):
         LookupReceipt(0, 1, True, 1, 0.0, "boom")
+
+
+def test_a_streaming_builder_hands_out_every_candidate_but_keeps_only_a_sample() -> None:
+    # 30 projects of 3 old, not-routed builds each: 2 candidates per project (1 is active).
+    projects = [
+        (p, p * 10, [build(p * 10 + i, project=p) for i in range(3)], {}) for p in range(1, 31)
+    ]
+    for _, _, builds, answers in projects:
+        answers.update({b.id: RouteAnswer(False, "http", 0) for b in builds})
+    kept = PlanBuilder(LOOSE, _settings())
+    streamed = PlanBuilder(LOOSE, _settings(), keep_candidates=False)
+    handed_out = []
+    for project_id, active, builds, answers in projects:
+        decisions = classify_project(project_id, active, True, builds, answers, NO_RETENTION, NOW)
+        kept.add(decisions)
+        handed_out += streamed.add(decisions)
+    full, sampled = kept.finish([]), streamed.finish([])
+    assert [d.build.id for d in handed_out] == [d.build.id for d in full.candidates]
+    assert len(handed_out) == 60
+    assert sampled.candidates == full.candidates[:SAMPLE_SIZE]
+    assert sampled.candidate_count == full.candidate_count == 60
+    assert sampled.id == full.id  # the id covers every candidate, kept or not
+    assert sampled.thresholds == full.thresholds
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        None,
+        RouteAnswer(False, "http", 3),
+        RouteAnswer(True, "sql", 12, "live.example.test"),
+        RouteAnswer(True, "sql", 0, 'h"o\\st\n\u00e9\u2028'),
+        RouteAnswer(False, "weird source \u00fc", 7),
+    ],
+)
+@pytest.mark.parametrize("active", [None, 1, 'b-\u00e9"1', 10**20])
+@pytest.mark.parametrize(
+    "reasons", [(), (KeepReason.ROUTED,), (KeepReason.ACTIVE_BUILD, KeepReason.NEWEST)]
+)
+def test_evidence_json_is_exactly_the_json_of_the_evidence(
+    route: RouteAnswer | None, active: int | str | None, reasons: tuple[KeepReason, ...]
+) -> None:
+    for classification in Classification:
+        decision = BuildDecision(build(5), classification, active, route, reasons)
+        assert decision.evidence_json() == json.dumps(decision.evidence(), sort_keys=True)
