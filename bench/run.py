@@ -127,10 +127,13 @@ def worker_command(
     if py_spy is None:
         return command
     assert out is not None
-    # Collapsed stacks ("raw"): readable as text, and loadable in speedscope.
+    # Collapsed stacks ("raw"): readable as text, and loadable in speedscope. --gil samples
+    # only the thread holding the GIL: the scan thread and the event loop share one core's
+    # worth of Python, and a thread waiting for the GIL would otherwise show as busy.
     return [
         str(py_spy),
         "record",
+        "--gil",
         "--rate",
         "200",
         "--format",

@@ -136,13 +136,27 @@ class BuildDecision(NamedTuple):
     def evidence_json(self) -> str:
         """``json.dumps(self.evidence(), sort_keys=True)``, built directly: it is written for
         every candidate, and the generic encoder dominated recording a million of them."""
-        routing = "null" if self.route is None else _routing_json(self.route)
-        active = "null" if self.active_build_id is None else _json_str(str(self.active_build_id))
-        reasons = ", ".join(f'"{r.value}"' for r in self.keep_reasons)
-        return (
-            f'{{"classification": "{self.classification.value}", "keepReasons": [{reasons}], '
-            f'"projectActiveBuild": {active}, "routing": {routing}}}'
+        return _evidence_json(
+            self.classification, self.active_build_id, self.route, self.keep_reasons
         )
+
+
+# A project's candidates share their active build and a lookup batch's answer, so most
+# candidates find their evidence here already made.
+@functools.lru_cache(maxsize=4096)
+def _evidence_json(
+    classification: Classification,
+    active_build_id: BuildId | None,
+    route: RouteAnswer | None,
+    keep_reasons: tuple[KeepReason, ...],
+) -> str:
+    routing = "null" if route is None else _routing_json(route)
+    active = "null" if active_build_id is None else _json_str(str(active_build_id))
+    reasons = ", ".join(f'"{r.value}"' for r in keep_reasons)
+    return (
+        f'{{"classification": "{classification.value}", "keepReasons": [{reasons}], '
+        f'"projectActiveBuild": {active}, "routing": {routing}}}'
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -175,6 +189,10 @@ def _newest_first_key(build: Build) -> tuple[bool, datetime, str]:
     return (build.created_at is not None, build.created_at or datetime.min, str(build.id))
 
 
+def _dated_key(build: Build) -> tuple[datetime | None, str]:
+    return (build.created_at, str(build.id))
+
+
 def classify_project(
     project_id: ProjectId,
     active_build_id: BuildId | None,
@@ -199,7 +217,10 @@ def classify_project(
     elif active_build_id not in ids:
         issue = ProjectIssue.ACTIVE_BUILD_NOT_IN_INVENTORY
 
-    newest_first = sorted(builds, key=_newest_first_key, reverse=True)
+    # Builds without a date sort last; when every build has one (the usual case) the
+    # shorter key gives the same order.
+    dated = all(b.created_at is not None for b in builds)
+    newest_first = sorted(builds, key=_dated_key if dated else _newest_first_key, reverse=True)
     retained = {b.id for b in newest_first[: retention.keep_newest]}
     # Too young: now - created_at < minAge, that is created_at > now - minAge.
     young_after = now - retention.min_age

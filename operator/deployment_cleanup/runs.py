@@ -8,6 +8,7 @@ every step and tests can hand in real servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets as random_tokens
 import socket
 from collections import deque
@@ -336,23 +337,50 @@ async def _lookup_and_classify(
         if progress is not None:
             progress("lookups", looked_up, 0, None)
 
-    while True:
-        groups = await loop.run_in_executor(scan_thread, _next_unit, units, recorder)
-        if groups is None:
-            break
-        ids = [b.id for group in groups for b in group.builds]
-        tasks = []
-        for start in range(0, len(ids), routing.batch_size):
-            tasks.append(
-                asyncio.ensure_future(lookup(next_index, ids[start : start + routing.batch_size]))
-            )
-            next_index += 1
-        window.append(_Unit(groups, tasks))
-        # Bounded look-ahead keeps memory flat while the lookups run concurrently.
-        while len(window) > routing.concurrency * 2:
+    # The scan runs ahead in its thread while lookups are in flight and answered units are
+    # decided; both look-aheads are bounded, so memory stays flat.
+    ahead = routing.concurrency * 2
+    scanned: asyncio.Queue[list[ProjectBuilds] | BaseException | None] = asyncio.Queue()
+    room = asyncio.Semaphore(ahead)
+
+    async def scan_ahead() -> None:
+        try:
+            while True:
+                await room.acquire()
+                groups = await loop.run_in_executor(scan_thread, _next_unit, units, recorder)
+                scanned.put_nowait(groups)
+                if groups is None:
+                    return
+        except Exception as exc:  # handed to the consumer, which raises it
+            scanned.put_nowait(exc)
+
+    scanner = asyncio.ensure_future(scan_ahead())
+    try:
+        while True:
+            item = await scanned.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                break
+            room.release()
+            ids = [b.id for group in item for b in group.builds]
+            tasks = []
+            for start in range(0, len(ids), routing.batch_size):
+                batch = ids[start : start + routing.batch_size]
+                tasks.append(asyncio.ensure_future(lookup(next_index, batch)))
+                next_index += 1
+            window.append(_Unit(item, tasks))
+            while len(window) > ahead or (window and all(t.done() for t in window[0].tasks)):
+                await drain_one()
+        while window:
             await drain_one()
-    while window:
-        await drain_one()
+    finally:
+        scanner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scanner
+        for unit in window:  # a failed plan leaves no lookup running
+            for task in unit.tasks:
+                task.cancel()
     return receipts
 
 

@@ -8,7 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployment_cleanup.routing import AnswerError, parse_answer
+from deployment_cleanup.routing import (
+    AnswerError,
+    checked_results,
+    parse_answer,
+    well_formed_results,
+)
 
 ASKED = ["b1", "b2", "b3"]
 
@@ -117,3 +122,28 @@ def test_no_generated_answer_yields_evidence_it_does_not_contain(
     payload: object, asked: list[str]
 ) -> None:
     assert_exact_or_refused(payload, asked)
+
+
+_ids = st.sampled_from(["b1", "b2", "b3", "b4", 1, None, True, ["b1"]])
+_items = st.one_of(
+    st.fixed_dictionaries(
+        {"id": _ids, "routed": st.sampled_from([True, False, 0, 1, "true", None])}
+    ),
+    st.fixed_dictionaries({"id": _ids}),
+    st.dictionaries(st.sampled_from(["id", "routed", "extra"]), _ids),
+    st.sampled_from([None, "b1", 1, ["b1", True]]),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(results=st.lists(_items, max_size=6), asked=st.lists(st.sampled_from(ASKED), unique=True))
+def test_the_fast_path_accepts_only_what_the_item_by_item_check_accepts(
+    results: list[object], asked: list[str]
+) -> None:
+    fast = well_formed_results(asked, results)  # type: ignore[arg-type]
+    try:
+        checked = checked_results(asked, results)  # type: ignore[arg-type]
+    except AnswerError:
+        assert not fast
+        return
+    assert fast is None or fast == checked
