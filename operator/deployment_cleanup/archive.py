@@ -1,13 +1,14 @@
-"""The audit store and every write to the builds database.
+"""The audit store and every write to the builds database but a plan's items.
 
 Tables (names prefixed by ``spec.database.stateTablePrefix``) live in the
 builds database itself, so that archiving a build and recording it happen in
 one transaction:
 
 * ``runs``: one row per run: plan id, state, counters.
-* ``items``: the approved candidates of a run in plan order, with evidence and
-  outcome (pending, archived, skipped, restored). An interrupted apply resumes
-  from the pending items and can never reach a build outside them.
+* ``items``: the candidates of a run in plan order, with evidence and outcome
+  (planned for a plan-only run; pending, archived, skipped, restored for an
+  apply), written while the plan is made (see recording). An interrupted apply
+  resumes from the pending items and can never reach a build outside them.
 * ``audit``: append-only record of every archive and restore.
 * ``locks``: one lease per cleanup with a fencing token; every archive batch
   checks its token inside its own transaction, so a stale replica cannot write.
@@ -15,8 +16,7 @@ one transaction:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,17 +33,21 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    and_,
+    any_,
+    bindparam,
     exists,
+    func,
     insert,
     literal,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.types import NullType
 
 from .inventory import BuildsSchema, aware_utc
-from .planning import BuildDecision, ReferenceCounts
+from .planning import ReferenceCounts
 from .runstate import RunKind, RunRecord, RunState
 
 __all__ = [
@@ -155,9 +159,351 @@ def _tables(prefix: str) -> tuple[MetaData, Table, Table, Table, Table]:
     return md, runs, items, audit, locks
 
 
+_AUDIT_COLUMNS = [
+    "run_id",
+    "build_id",
+    "project_id",
+    "action",
+    "previous_status",
+    "new_status",
+    "at",
+    "fencing_token",
+    "evidence",
+]
+
+
 def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+class _BatchStatements:
+    """The statements of archive and restore batches, built once and only bound per batch.
+
+    Building, hashing and compiling a new SQLAlchemy statement for every batch (with a
+    bind parameter per build of an IN list) cost more than the database spent executing
+    it. These are built once per store and routes guard; each batch binds values.
+
+    PostgreSQL gets a batch as three arrays (ids, planned statuses, the ids as the items
+    store them), so the text never changes and the whole batch is one statement. Other
+    databases (SQLite) run the same steps one statement at a time.
+    """
+
+    def __init__(
+        self,
+        schema: BuildsSchema,
+        tables: tuple[Table, Table, Table, Table],
+        routes_guard: Any,
+    ) -> None:
+        runs, items, audit, locks = tables
+        self.schema = schema
+        self.routes_guard = routes_guard
+        s = schema
+        archived_status = s.spec.archived_status
+        item = items.c
+        run = bindparam("b_run", type_=item.run_id.type)
+        now = bindparam("b_now", type_=DateTime(timezone=True))
+        token = bindparam("b_token", type_=Integer)
+        keys_in = item.build_id.in_(bindparam("b_keys", expanding=True))
+
+        self.fence = (
+            update(locks)
+            .where(
+                locks.c.name == bindparam("f_name", type_=locks.c.name.type),
+                locks.c.token == bindparam("f_token", type_=locks.c.token.type),
+                locks.c.holder == bindparam("f_holder", type_=locks.c.holder.type),
+            )
+            .values(expires_at=bindparam("f_expires", type_=locks.c.expires_at.type))
+        )
+        guard = [
+            exists().where(
+                s.project_id == s.build_project,
+                s.project_active.is_not(None),
+                s.project_active != s.build_id,
+            )
+        ]
+        if routes_guard is not None:
+            guard.append(~routes_guard)
+
+        # -- archive, one statement at a time
+        self.archive_builds = (
+            update(s.builds)
+            .where(
+                s.build_id.in_(bindparam("b_ids", expanding=True)),
+                s.build_status == bindparam("b_status", type_=s.build_status.type),
+                *guard,
+            )
+            .values({s.build_status: archived_status})
+            .returning(s.build_id)
+        )
+        # The audit rows are copied from the items on the server: the evidence never
+        # travels to this process and back.
+        self.audit_archived = insert(audit).from_select(
+            _AUDIT_COLUMNS,
+            select(
+                item.run_id,
+                item.build_id,
+                item.project_id,
+                literal("archive"),
+                item.previous_status,
+                literal(archived_status),
+                now,
+                token,
+                item.evidence,
+            ).where(item.run_id == run, keys_in),
+        )
+        self.items_archived = (
+            update(items).where(item.run_id == run, keys_in).values(outcome="archived")
+        )
+        self.count_archived = (
+            update(runs)
+            .where(runs.c.id == run)
+            .values(
+                archived=runs.c.archived + bindparam("b_archived", type_=Integer),
+                skipped=runs.c.skipped + bindparam("b_skipped", type_=Integer),
+            )
+        )
+        self.mark_skipped = (
+            update(items)
+            .where(
+                item.run_id == run,
+                item.build_id == bindparam("b_key", type_=item.build_id.type),
+            )
+            .values(outcome="skipped", detail=bindparam("b_why", type_=Text))
+        )
+
+        # -- restore, one statement at a time
+        self.restore_builds = (
+            update(s.builds)
+            .where(
+                s.build_id.in_(bindparam("b_ids", expanding=True)),
+                s.build_status == archived_status,
+            )
+            .values({s.build_status: bindparam("b_status", type_=s.build_status.type)})
+            .returning(s.build_id)
+        )
+        self.audit_restored = insert(audit).from_select(
+            [c for c in _AUDIT_COLUMNS if c != "fencing_token"],
+            select(
+                item.run_id,
+                item.build_id,
+                item.project_id,
+                literal("restore"),
+                literal(archived_status),
+                item.previous_status,
+                now,
+                literal("{}"),
+            ).where(item.run_id == run, keys_in),
+        )
+        self.items_restored = (
+            update(items).where(item.run_id == run, keys_in).values(outcome="restored")
+        )
+        self.count_restored = (
+            update(runs)
+            .where(runs.c.id == run)
+            .values(restored=runs.c.restored + bindparam("b_restored", type_=Integer))
+        )
+
+        # -- PostgreSQL: each batch in one statement. The arrays are cast to the columns'
+        # types, so a column whose type could not be reflected takes the path above.
+        self.single_statement = not any(
+            isinstance(c.type, NullType) for c in (s.build_id, s.build_status)
+        )
+        ids = bindparam("b_ids", type_=ARRAY(s.build_id.type))
+        planned = (
+            func.unnest(
+                ids,
+                bindparam("b_statuses", type_=ARRAY(s.build_status.type)),
+                bindparam("b_keys", type_=ARRAY(item.build_id.type)),
+            )
+            .table_valued("id", "status", "key")
+            .render_derived(name="planned")
+        )
+        # builds.id = ANY(ids) lets the planner use the primary key rather than hash the
+        # whole builds table against the batch.
+        matched = [s.build_id == any_(ids), s.build_id == planned.c.id]
+
+        archived = (
+            update(s.builds)
+            .where(*matched, s.build_status == planned.c.status, *guard)
+            .values({s.build_status: archived_status})
+            .returning(planned.c.key)
+            .cte("archived")
+        )
+        moved = (
+            update(items)
+            .where(item.run_id == run, item.build_id.in_(select(archived.c.key)))
+            .values(outcome="archived")
+            .returning(
+                item.run_id, item.build_id, item.project_id, item.previous_status, item.evidence
+            )
+            .cte("moved")
+        )
+        audited = insert(audit).from_select(
+            _AUDIT_COLUMNS,
+            select(
+                moved.c.run_id,
+                moved.c.build_id,
+                moved.c.project_id,
+                literal("archive"),
+                moved.c.previous_status,
+                literal(archived_status),
+                now,
+                token,
+                moved.c.evidence,
+            ),
+        )
+        moved_count = select(func.count()).select_from(moved).scalar_subquery()
+        counted = (
+            update(runs)
+            .where(runs.c.id == run)
+            .values(
+                archived=runs.c.archived + moved_count,
+                skipped=runs.c.skipped + (bindparam("b_size", type_=Integer) - moved_count),
+            )
+        )
+        # Each archived build with the number of items moved (the items' primary key makes
+        # that one per build): a build without its item would have no audit row.
+        self.archive_postgresql_statement = select(archived.c.key, moved_count).add_cte(
+            audited.cte("audited"), counted.cte("counted")
+        )
+
+        back = (
+            update(s.builds)
+            .where(*matched, s.build_status == archived_status)
+            .values({s.build_status: planned.c.status})
+            .returning(planned.c.key)
+            .cte("restored")
+        )
+        returned = (
+            update(items)
+            .where(item.run_id == run, item.build_id.in_(select(back.c.key)))
+            .values(outcome="restored")
+            .returning(item.run_id, item.build_id, item.project_id, item.previous_status)
+            .cte("returned")
+        )
+        audited_back = insert(audit).from_select(
+            [c for c in _AUDIT_COLUMNS if c != "fencing_token"],
+            select(
+                returned.c.run_id,
+                returned.c.build_id,
+                returned.c.project_id,
+                literal("restore"),
+                literal(archived_status),
+                returned.c.previous_status,
+                now,
+                literal("{}"),
+            ),
+        )
+        returned_count = select(func.count()).select_from(returned).scalar_subquery()
+        counted_back = (
+            update(runs).where(runs.c.id == run).values(restored=runs.c.restored + returned_count)
+        )
+        self.restore_postgresql_statement = select(back.c.key, returned_count).add_cte(
+            audited_back.cte("audited"), counted_back.cte("counted")
+        )
+
+    def _arrays(self, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        return {
+            "b_ids": [self.schema.coerce_build_id(key) for key, _ in pairs],
+            "b_statuses": [status for _, status in pairs],
+            "b_keys": [key for key, _ in pairs],
+        }
+
+    @staticmethod
+    def _keys_with_items(run_id: str, rows: Sequence[Any]) -> set[str]:
+        """The changed builds' keys, once the items changed with them are counted."""
+        if rows and rows[0][1] != len(rows):
+            raise RuntimeError(
+                f"run {run_id}: {len(rows)} builds changed but {rows[0][1]} items; rolled back"
+            )
+        return {str(key) for key, _ in rows}
+
+    def archive_postgresql(
+        self,
+        conn: Connection,
+        run_id: str,
+        todo: Sequence[PendingItem],
+        batch_size: int,
+        fence: Fence,
+        now: datetime,
+    ) -> set[str]:
+        """Guarded UPDATE, items, audit rows and the run's counters, in one statement."""
+        params = self._arrays([(i.build_id, i.previous_status) for i in todo])
+        params |= {"b_run": run_id, "b_now": now, "b_token": fence.token, "b_size": batch_size}
+        rows = conn.execute(self.archive_postgresql_statement, params).all()
+        return self._keys_with_items(run_id, rows)
+
+    def archive_generic(
+        self,
+        conn: Connection,
+        run_id: str,
+        todo: Sequence[PendingItem],
+        fence: Fence,
+        now: datetime,
+    ) -> set[str]:
+        """One guarded UPDATE per planned status, then the audit rows and the items."""
+        by_status: dict[str, list[Any]] = {}
+        for i in todo:
+            by_status.setdefault(i.previous_status, []).append(
+                self.schema.coerce_build_id(i.build_id)
+            )
+        archived: set[str] = set()
+        for previous, ids in by_status.items():
+            result = conn.execute(self.archive_builds, {"b_ids": ids, "b_status": previous})
+            archived.update(str(v) for v in result.scalars())
+        if archived:
+            keys = [i.build_id for i in todo if i.build_id in archived]
+            self._copy_and_mark(
+                conn,
+                (self.audit_archived, self.items_archived),
+                {"b_run": run_id, "b_keys": keys, "b_now": now, "b_token": fence.token},
+                len(archived),
+            )
+        return archived
+
+    def restore_postgresql(
+        self, conn: Connection, run_id: str, chunk: Sequence[tuple[str, str]], now: datetime
+    ) -> set[str]:
+        """Builds back to their previous status, audit rows, items and counter: one statement."""
+        params = self._arrays(chunk) | {"b_run": run_id, "b_now": now}
+        rows = conn.execute(self.restore_postgresql_statement, params).all()
+        return self._keys_with_items(run_id, rows)
+
+    def restore_generic(
+        self, conn: Connection, run_id: str, chunk: Sequence[tuple[str, str]], now: datetime
+    ) -> set[str]:
+        by_status: dict[str, list[Any]] = {}
+        for key, previous in chunk:
+            by_status.setdefault(previous, []).append(self.schema.coerce_build_id(key))
+        back: set[str] = set()
+        for previous, ids in by_status.items():
+            result = conn.execute(self.restore_builds, {"b_ids": ids, "b_status": previous})
+            back.update(str(v) for v in result.scalars())
+        if back:
+            keys = [key for key, _ in chunk if key in back]
+            self._copy_and_mark(
+                conn,
+                (self.audit_restored, self.items_restored),
+                {"b_run": run_id, "b_keys": keys, "b_now": now},
+                len(back),
+            )
+            conn.execute(self.count_restored, {"b_run": run_id, "b_restored": len(back)})
+        return back
+
+    @staticmethod
+    def _copy_and_mark(
+        conn: Connection, statements: tuple[Any, Any], params: dict[str, Any], expected: int
+    ) -> None:
+        """Audit rows copied from the items, then the items marked: one per changed build."""
+        audit, mark = statements
+        written = conn.execute(audit, params).rowcount
+        marked = conn.execute(mark, {k: params[k] for k in ("b_run", "b_keys")}).rowcount
+        if written != expected or marked != expected:
+            raise RuntimeError(
+                f"run {params['b_run']}: {expected} builds changed but {written} audit rows "
+                f"and {marked} items were written; rolled back"
+            )
 
 
 class StateStore:
@@ -168,6 +514,7 @@ class StateStore:
         self.schema = schema
         prefix = schema.spec.state_table_prefix
         self._md, self.runs, self.items, self.audit, self.locks = _tables(prefix)
+        self._batch_statements: _BatchStatements | None = None
 
     def ensure_tables(self) -> None:
         self._md.create_all(self.engine, checkfirst=True)
@@ -190,83 +537,6 @@ class StateStore:
             restored=row.restored,
             message=row.message,
         )
-
-    def record_run(
-        self,
-        run_id: str,
-        cleanup: str,
-        kind: RunKind,
-        plan_id: str,
-        state: RunState,
-        reference: ReferenceCounts,
-        candidates: Sequence[BuildDecision],
-        message: str,
-        now: datetime,
-    ) -> RunRecord:
-        """Record a run and its candidates (with evidence) in one transaction."""
-        outcome = "pending" if kind is RunKind.APPLY else "planned"
-        finished = None if state is RunState.APPLYING else now
-        with self.engine.begin() as conn:
-            conn.execute(
-                insert(self.runs).values(
-                    id=run_id,
-                    cleanup=cleanup,
-                    kind=kind.value,
-                    plan_id=plan_id,
-                    state=state.value,
-                    started_at=now,
-                    finished_at=finished,
-                    reference_count=reference.total,
-                    active_count=reference.active,
-                    routed_count=reference.routed,
-                    candidates=len(candidates),
-                    archived=0,
-                    skipped=0,
-                    restored=0,
-                    message=message[:2000],
-                )
-            )
-            rows = (
-                (
-                    run_id,
-                    str(d.build.id),
-                    seq,
-                    str(d.build.project_id),
-                    d.build.status,
-                    outcome,
-                    json.dumps(d.evidence(), sort_keys=True),
-                )
-                for seq, d in enumerate(candidates)
-            )
-            self._insert_items(conn, rows)
-        run = self.get_run(run_id)
-        assert run is not None
-        return run
-
-    _ITEM_COLUMNS = (
-        "run_id",
-        "build_id",
-        "seq",
-        "project_id",
-        "previous_status",
-        "outcome",
-        "evidence",
-    )
-
-    def _insert_items(self, conn: Connection, rows: Iterable[tuple[object, ...]]) -> None:
-        """Bulk insert: COPY on PostgreSQL (row-by-row INSERTs dominated big plans)."""
-        if conn.dialect.name == "postgresql":
-            columns = ", ".join(f'"{c}"' for c in self._ITEM_COLUMNS)
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            with cursor.copy(f'COPY "{self.items.name}" ({columns}) FROM STDIN') as copy:
-                for row in rows:
-                    copy.write_row(row)
-            # Fresh statistics, or the planner walks the whole run for each batch's items.
-            conn.exec_driver_sql(f'ANALYZE "{self.items.name}"')
-            return
-        keys = self._ITEM_COLUMNS
-        for chunk in _chunks(list(rows), 5000):
-            conn.execute(insert(self.items), [dict(zip(keys, row, strict=True)) for row in chunk])
 
     def get_run(self, run_id: str) -> RunRecord | None:
         with self.engine.connect() as conn:
@@ -333,8 +603,16 @@ class StateStore:
         return int(result.rowcount or 0)
 
     # -- apply --------------------------------------------------------------
+    #
+    # Every batch of an apply (and of a restore) is one transaction with a fixed set of
+    # statements, built once per store (see _BatchStatements) and only bound with values per
+    # batch: building, hashing and compiling a new SQLAlchemy statement for each batch cost
+    # more than the database spent executing it.
 
-    def pending_items(self, run_id: str, limit: int) -> list[PendingItem]:
+    def pending_items(
+        self, run_id: str, limit: int, after_seq: int | None = None
+    ) -> list[PendingItem]:
+        """The next ``limit`` pending items of a run in plan order, after ``after_seq`` if given."""
         query = (
             select(
                 self.items.c.seq,
@@ -346,8 +624,19 @@ class StateStore:
             .order_by(self.items.c.seq)
             .limit(limit)
         )
+        if after_seq is not None:
+            query = query.where(self.items.c.seq > after_seq)
         with self.engine.connect() as conn:
             return [PendingItem(*row) for row in conn.execute(query)]
+
+    def _statements(self, routes_guard: Any = None, *, any_guard: bool = False) -> _BatchStatements:
+        """The batch statements for ``routes_guard`` (``any_guard``: the guard is not used)."""
+        cached = self._batch_statements
+        if cached is None or not (any_guard or cached.routes_guard is routes_guard):
+            tables = (self.runs, self.items, self.audit, self.locks)
+            cached = _BatchStatements(self.schema, tables, routes_guard)
+            self._batch_statements = cached
+        return cached
 
     def archive_batch(
         self,
@@ -366,109 +655,75 @@ class StateStore:
         active build, and it is not in ``routed_now`` (a fresh routing lookup) or
         matched by ``routes_guard`` (a routes table in this same database).
         Anything else is skipped with the reason, never archived.
+
+        The one transaction checks and renews the fence, archives, copies each
+        archived build's item into the audit table, marks the items and counts
+        them, or does none of it. On PostgreSQL the guarded UPDATE, the items,
+        the audit rows and the counters are a single statement.
         """
-        s = self.schema
-        archived_status = s.spec.archived_status
+        statements = self._statements(routes_guard)
         skipped: dict[str, str] = {
             b.build_id: "routed at the re-check" for b in batch if b.build_id in routed_now
         }
         todo = [b for b in batch if b.build_id not in routed_now]
-        archived: list[str] = []
+        archived: set[str] = set()
         with self.engine.begin() as conn:
-            self._check_fence(conn, fence, now)
-            by_status: dict[str, list[PendingItem]] = {}
-            for item in todo:
-                by_status.setdefault(item.previous_status, []).append(item)
-            project_guard = exists().where(
-                s.project_id == s.build_project,
-                s.project_active.is_not(None),
-                s.project_active != s.build_id,
-            )
-            for previous, items in by_status.items():
-                conditions = [
-                    s.build_id.in_([s.coerce_build_id(i.build_id) for i in items]),
-                    s.build_status == previous,
-                    project_guard,
-                ]
-                if routes_guard is not None:
-                    conditions.append(~routes_guard)
-                statement = (
-                    update(s.builds)
-                    .where(and_(*conditions))
-                    .values({s.build_status: archived_status})
-                    .returning(s.build_id)
-                )
-                archived.extend(str(v) for v in conn.execute(statement).scalars())
-            done = set(archived)
-            for item in todo:
-                if item.build_id not in done:
-                    skipped[item.build_id] = self._why_skipped(conn, item, routes_guard)
-            if archived:
-                # The audit rows are copied from the items on the server: one statement,
-                # and the evidence never travels to this process and back.
-                source = self.items.c
-                audited = select(
-                    source.run_id,
-                    source.build_id,
-                    source.project_id,
-                    literal("archive"),
-                    source.previous_status,
-                    literal(archived_status),
-                    literal(now, DateTime(timezone=True)),
-                    literal(fence.token),
-                    source.evidence,
-                ).where(source.run_id == run_id, source.build_id.in_(archived))
-                columns = [
-                    "run_id",
-                    "build_id",
-                    "project_id",
-                    "action",
-                    "previous_status",
-                    "new_status",
-                    "at",
-                    "fencing_token",
-                    "evidence",
-                ]
-                conn.execute(insert(self.audit).from_select(columns, audited))
+            self._check_fence(conn, fence, now, statements)
+            counted = False
+            if todo and conn.dialect.name == "postgresql" and statements.single_statement:
+                archived = statements.archive_postgresql(conn, run_id, todo, len(batch), fence, now)
+                counted = True
+            elif todo:
+                archived = statements.archive_generic(conn, run_id, todo, fence, now)
+            missing = [item for item in todo if item.build_id not in archived]
+            if missing:
+                skipped.update(self._why_skipped(conn, missing, routes_guard))
+            if skipped:
                 conn.execute(
-                    update(self.items)
-                    .where(self.items.c.run_id == run_id, self.items.c.build_id.in_(archived))
-                    .values(outcome="archived")
+                    statements.mark_skipped,
+                    [
+                        {"b_run": run_id, "b_key": build_id, "b_why": why}
+                        for build_id, why in skipped.items()
+                    ],
                 )
-            for build_id, why in skipped.items():
+            if not counted:
                 conn.execute(
-                    update(self.items)
-                    .where(self.items.c.run_id == run_id, self.items.c.build_id == build_id)
-                    .values(outcome="skipped", detail=why)
+                    statements.count_archived,
+                    {"b_run": run_id, "b_archived": len(archived), "b_skipped": len(skipped)},
                 )
-            conn.execute(
-                update(self.runs)
-                .where(self.runs.c.id == run_id)
-                .values(
-                    archived=self.runs.c.archived + len(archived),
-                    skipped=self.runs.c.skipped + len(skipped),
-                )
-            )
-        return ArchiveBatchResult(tuple(archived), skipped)
+        # In plan order, whatever order the database returned them in.
+        return ArchiveBatchResult(
+            tuple(b.build_id for b in todo if b.build_id in archived), skipped
+        )
 
-    def _why_skipped(self, conn: Connection, item: PendingItem, routes_guard: Any) -> str:
+    def _why_skipped(
+        self, conn: Connection, items: Sequence[PendingItem], routes_guard: Any
+    ) -> dict[str, str]:
+        """Why each of ``items`` was not archived, read in one query for them all."""
         s = self.schema
-        build_id = s.coerce_build_id(item.build_id)
-        row = conn.execute(
-            select(s.build_status, s.build_project).where(s.build_id == build_id)
-        ).first()
-        if row is None:
-            return "the build no longer exists"
-        if row[0] != item.previous_status:
-            return f"its status changed from {item.previous_status!r} to {row[0]!r}"
-        active = conn.execute(select(s.project_active).where(s.project_id == row[1])).first()
-        if active is None or active[0] is None:
-            return "its project no longer has a known active build"
-        if str(active[0]) == item.build_id:
-            return "it became its project's active build"
-        if routes_guard is not None:
-            return "it is routed now"
-        return "it changed since the plan"
+        query = (
+            select(s.build_id, s.build_status, s.project_active)
+            .select_from(s.builds.outerjoin(s.projects, s.project_id == s.build_project))
+            .where(s.build_id.in_([s.coerce_build_id(i.build_id) for i in items]))
+        )
+        found = {str(build): (status, active) for build, status, active in conn.execute(query)}
+        reasons: dict[str, str] = {}
+        for item in items:
+            row = found.get(item.build_id)
+            if row is None:
+                why = "the build no longer exists"
+            elif row[0] != item.previous_status:
+                why = f"its status changed from {item.previous_status!r} to {row[0]!r}"
+            elif row[1] is None:  # no project row, or no active build
+                why = "its project no longer has a known active build"
+            elif str(row[1]) == item.build_id:
+                why = "it became its project's active build"
+            elif routes_guard is not None:
+                why = "it is routed now"
+            else:
+                why = "it changed since the plan"
+            reasons[item.build_id] = why
+        return reasons
 
     # -- fencing ------------------------------------------------------------
 
@@ -503,17 +758,19 @@ class StateStore:
                 raise LockHeld(f"another process took the lock {name!r} just now")
             return Fence(name, holder, token, ttl)
 
-    def _check_fence(self, conn: Connection, fence: Fence, now: datetime) -> None:
+    def _check_fence(
+        self, conn: Connection, fence: Fence, now: datetime, statements: _BatchStatements
+    ) -> None:
         # Matches only while our token is current, and renews the lease; on
         # PostgreSQL it also row-locks the lease until this batch commits.
         result = conn.execute(
-            update(self.locks)
-            .where(
-                self.locks.c.name == fence.name,
-                self.locks.c.token == fence.token,
-                self.locks.c.holder == fence.holder,
-            )
-            .values(expires_at=now + fence.ttl)
+            statements.fence,
+            {
+                "f_name": fence.name,
+                "f_token": fence.token,
+                "f_holder": fence.holder,
+                "f_expires": now + fence.ttl,
+            },
         )
         if result.rowcount != 1:
             raise FencingLost(
@@ -541,10 +798,10 @@ class StateStore:
 
         Only builds still in the archived status are touched; one that someone
         changed since is reported as a conflict and left alone. Running it again
-        restores nothing more.
+        restores nothing more. Each chunk is one transaction: the builds, their
+        audit rows, their items and the run's counter.
         """
-        s = self.schema
-        archived_status = s.spec.archived_status
+        archived_status = self.schema.spec.archived_status
         with self.engine.connect() as conn:
             query = select(
                 self.items.c.build_id,
@@ -559,63 +816,21 @@ class StateStore:
             unknown = sorted(set(build_ids) - {r.build_id for r in rows})
             if unknown:
                 raise ValueError(f"builds not in run {run_id}: {', '.join(unknown[:10])}")
-        todo = [r for r in rows if r.outcome == "archived"]
+        todo = [(r.build_id, r.previous_status) for r in rows if r.outcome == "archived"]
         already = sum(1 for r in rows if r.outcome == "restored")
+        statements = self._statements(any_guard=True)
         restored = 0
         conflicts: dict[str, str] = {}
         for chunk in _chunks(todo, batch_size):
             with self.engine.begin() as conn:
-                by_status: dict[str, list[Any]] = {}
-                for row in chunk:
-                    by_status.setdefault(row.previous_status, []).append(row)
-                done: set[str] = set()
-                for previous, items in by_status.items():
-                    statement = (
-                        update(s.builds)
-                        .where(
-                            s.build_id.in_([s.coerce_build_id(r.build_id) for r in items]),
-                            s.build_status == archived_status,
-                        )
-                        .values({s.build_status: previous})
-                        .returning(s.build_id)
-                    )
-                    done.update(str(v) for v in conn.execute(statement).scalars())
-                back = [r for r in chunk if r.build_id in done]
-                if back:
-                    conn.execute(
-                        insert(self.audit),
-                        [
-                            {
-                                "run_id": run_id,
-                                "build_id": r.build_id,
-                                "project_id": r.project_id,
-                                "action": "restore",
-                                "previous_status": archived_status,
-                                "new_status": r.previous_status,
-                                "at": now,
-                                "fencing_token": None,
-                                "evidence": "{}",
-                            }
-                            for r in back
-                        ],
-                    )
-                    conn.execute(
-                        update(self.items)
-                        .where(
-                            self.items.c.run_id == run_id,
-                            self.items.c.build_id.in_([r.build_id for r in back]),
-                        )
-                        .values(outcome="restored")
-                    )
-                    conn.execute(
-                        update(self.runs)
-                        .where(self.runs.c.id == run_id)
-                        .values(restored=self.runs.c.restored + len(back))
-                    )
-                for row in chunk:
-                    if row.build_id not in done:
-                        conflicts[row.build_id] = f"no longer {archived_status!r}: left as it is"
-                restored += len(back)
+                if conn.dialect.name == "postgresql" and statements.single_statement:
+                    back = statements.restore_postgresql(conn, run_id, chunk, now)
+                else:
+                    back = statements.restore_generic(conn, run_id, chunk, now)
+            for build_id, _ in chunk:
+                if build_id not in back:
+                    conflicts[build_id] = f"no longer {archived_status!r}: left as it is"
+            restored += len(back)
         return RestoreResult(restored, already, conflicts)
 
     def audit_rows(self, run_id: str) -> list[dict[str, Any]]:

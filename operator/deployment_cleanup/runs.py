@@ -58,6 +58,8 @@ __all__ = [
 
 LOCK_TTL = timedelta(minutes=5)
 RECORD_CHUNK = 5000
+# Pending items read per query during an apply (several batches).
+PENDING_PAGE = 1000
 PLAN_RUNS_WITH_ITEMS = 10
 
 Progress = Callable[[str, int, int, str | None], None]
@@ -523,6 +525,10 @@ async def _execute(
     # The canary goes first whenever nothing was written yet, resumed or not.
     first = run.archived == 0 and run.skipped == 0
     done = run.archived + run.skipped
+    # Pending items are read a page ahead (in plan order) rather than one query per batch:
+    # only the holder of the lease changes them, and every batch re-checks the lease.
+    pending: deque[PendingItem] = deque()
+    last_seq: int | None = None
     try:
         while True:
             reason = request.stop_requested()
@@ -530,7 +536,14 @@ async def _execute(
                 state, message = RunState.STOPPED, f"stopped before a batch: {reason}"
                 break
             size = execution.canary_batch_size if first else execution.batch_size
-            batch = await asyncio.to_thread(store.pending_items, run.id, size)
+            if len(pending) < size:
+                page = await asyncio.to_thread(
+                    store.pending_items, run.id, max(size, PENDING_PAGE), last_seq
+                )
+                if page:
+                    pending.extend(page)
+                    last_seq = page[-1].seq
+            batch = [pending.popleft() for _ in range(min(size, len(pending)))]
             if not batch:
                 break
             routed_now, error = await _recheck_routing(conns, batch)
