@@ -334,7 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--execution-batch-size",
         type=int,
-        default=100,
+        default=250,
         help="spec.execution.batchSize for the archive",
     )
     parser.add_argument(

@@ -340,7 +340,7 @@ class SafetySpec(_Model):
 
 
 class ExecutionSpec(_Model):
-    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 100
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 250
     canary_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 10
     pause_between_batches: Duration = timedelta(0)
 

@@ -163,7 +163,7 @@ def test_example_is_accepted_with_its_values_and_the_rest_defaulted(
     }
     assert spec["routing"]["http"]["tokenHeader"] == "Authorization"
     assert spec["execution"] == {
-        "batchSize": 100,
+        "batchSize": 250,
         "canaryBatchSize": 10,
         "pauseBetweenBatches": "0s",
     }
