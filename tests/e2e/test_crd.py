@@ -330,7 +330,7 @@ REFUSED = [
     ),
     pytest.param(
         "spec.execution",
-        {"canaryBatchSize": 101},
+        {"canaryBatchSize": 251},
         ["spec.execution.canaryBatchSize", "must not be larger than spec.execution.batchSize"],
         id="canary-larger-than-default-batch",
     ),
