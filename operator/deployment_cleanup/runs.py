@@ -235,19 +235,24 @@ async def _make_plan(
         keep_candidates=recording is None,
     )
     loop = asyncio.get_running_loop()
-    # One thread owns the scan's connection (SQLite connections refuse other threads);
-    # the candidates are written on it too, in the scan's transaction.
+    # One thread owns the scan's connection (SQLite connections refuse other threads) and
+    # the recorder's writes (see recording: on SQLite they share that connection).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inventory-scan") as scan_thread:
         conn = await loop.run_in_executor(scan_thread, conns.engine.connect)
+        recorder: PlanRecorder | None = None
         try:
-            recorder = (
-                None
-                if recording is None
-                else PlanRecorder(
-                    conns.store, conn, recording.run_id, conns.cleanup.key, recording.outcome, now
-                )
-            )
             await loop.run_in_executor(scan_thread, check_not_a_standby, conn)
+            if recording is not None:
+                recorder = await loop.run_in_executor(
+                    scan_thread,
+                    PlanRecorder,
+                    conns.store,
+                    conn,
+                    recording.run_id,
+                    conns.cleanup.key,
+                    recording.outcome,
+                    now,
+                )
             units = _units(conns.schema.iter_project_builds(conn), routing.batch_size)
             async with conns.routing:
                 receipts = await _lookup_and_classify(
@@ -263,6 +268,8 @@ async def _make_plan(
                 )
         finally:
             # Closing without a commit rolls back whatever a failed plan had written.
+            if recorder is not None:
+                await loop.run_in_executor(scan_thread, recorder.close)
             await loop.run_in_executor(scan_thread, conn.close)
     return plan
 
