@@ -3,7 +3,11 @@
 * scan: the plan's columns streamed by the database's own client to /dev/null
   (``COPY ... TO STDOUT`` through psql; the ``sqlite3`` shell, or Python's sqlite3 module when the
   shell is missing);
-* lookups: the same number of batched requests at the same concurrency (:mod:`bench.lookups`).
+* lookups: the same number of batched requests at the same concurrency (:mod:`bench.lookups`);
+* recording (reported beside the floor, not in it): the database writing as many item rows as
+  the plan had candidates, with an evidence string of the same length, by one
+  ``INSERT ... SELECT`` through the same client: the least a plan that records its candidates
+  can cost on top of the floor.
 
 Every piece runs in its own process, like the engine, so none shares a GIL with the routing
 server that the benchmark process hosts.
@@ -27,8 +31,10 @@ __all__ = [
     "ScanCommand",
     "lookup_command",
     "measure_concurrently",
+    "psql_record",
     "psql_scan",
     "run_json",
+    "sqlite_record",
     "sqlite_scan",
     "time_command",
 ]
@@ -83,6 +89,66 @@ def sqlite_scan(path: Path, *, ordered: bool = False) -> ScanCommand:
         return ScanCommand([cli, "-batch", "-readonly", str(path), sql], "sqlite3 shell")
     return ScanCommand(
         [sys.executable, "-c", _PYTHON_SQLITE_SCAN, str(path), sql], "Python sqlite3 module"
+    )
+
+
+# A candidate's evidence as the engine writes it (the length is what matters).
+EVIDENCE = (
+    '{"classification": "notRouted", "keepReasons": [], "projectActiveBuild": "1000000", '
+    '"routing": {"batch": 1000, "routed": false, "source": "http"}}'
+)
+_RECORD_TABLE = (
+    "CREATE TABLE floor_items (run_id VARCHAR(64) NOT NULL, build_id VARCHAR(200) NOT NULL, "
+    "seq INTEGER NOT NULL, project_id VARCHAR(200) NOT NULL, previous_status VARCHAR(64) NOT "
+    "NULL, outcome VARCHAR(16) NOT NULL, detail TEXT, evidence TEXT NOT NULL, "
+    "PRIMARY KEY (run_id, build_id))"
+)
+
+
+def _record_sql(rows: int, as_text: str) -> str:
+    return (
+        "DROP TABLE IF EXISTS floor_items; "
+        + _RECORD_TABLE
+        + "; INSERT INTO floor_items (run_id, build_id, seq, project_id, previous_status, "
+        f"outcome, evidence) SELECT 'r-floor', {as_text.format('id')}, id, "
+        f"{as_text.format('project_id')}, status, 'planned', '{EVIDENCE}' FROM builds "
+        f"WHERE status <> 'archived' LIMIT {rows:d}"
+    )
+
+
+def psql_record(psql: Path, sqlalchemy_url: str, rows: int) -> ScanCommand:
+    return ScanCommand(
+        [
+            str(psql),
+            "--no-psqlrc",
+            "--quiet",
+            "--set=ON_ERROR_STOP=1",
+            f"--dbname={libpq_uri(sqlalchemy_url)}",
+            # One transaction, then statistics, as the engine does.
+            "--single-transaction",
+            f"--command={_record_sql(rows, '{}::text')}; ANALYZE floor_items",
+        ],
+        "psql INSERT ... SELECT",
+    )
+
+
+_PYTHON_SQLITE_RECORD = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN")
+for statement in sys.argv[2].split("; "):
+    connection.execute(statement)
+connection.execute("COMMIT")
+"""
+
+
+def sqlite_record(path: Path, rows: int) -> ScanCommand:
+    sql = _record_sql(rows, "CAST({} AS TEXT)")
+    cli = shutil.which("sqlite3")
+    if cli is not None:
+        return ScanCommand([cli, "-batch", str(path), f"BEGIN; {sql}; COMMIT"], "sqlite3 shell")
+    return ScanCommand(
+        [sys.executable, "-c", _PYTHON_SQLITE_RECORD, str(path), sql], "Python sqlite3 module"
     )
 
 
