@@ -20,8 +20,8 @@ import kopf
 
 from .controller import Controller
 from .kube import PLURAL, VERSION, KillSwitch, KubeApi, load_kube_config
-from .metrics import KILL_SWITCH, serve_metrics
-from .runs import utc_now
+from .metrics import KILL_SWITCH, forget_cleanup, serve_metrics
+from .runs import Outcome, utc_now
 from .spec import API_GROUP
 
 __all__ = ["OperatorConfig"]
@@ -123,3 +123,9 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         kopf.event(body, type=type_, reason=reason, message=message)
 
     await controller.tick(body, post)
+
+
+# optional: no finalizer of its own, so a deletion never waits for this operator.
+@kopf.on.delete(API_GROUP, VERSION, PLURAL, optional=True)
+async def deleted(namespace: str | None, name: str | None, **_: Any) -> None:
+    forget_cleanup(str(namespace), str(name), [str(o) for o in Outcome])

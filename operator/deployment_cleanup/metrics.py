@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
@@ -13,6 +16,7 @@ __all__ = [
     "RUNS",
     "RUN_DURATION",
     "STATUS_WRITES",
+    "forget_cleanup",
     "serve_metrics",
 ]
 
@@ -52,6 +56,26 @@ KILL_SWITCH = Gauge(
     "deployment_cleanup_kill_switch_enabled",
     "1 while the global kill switch stops destructive steps.",
 )
+
+
+_PER_CLEANUP = (
+    LOOKUP_BATCHES_FAILED,
+    BUILDS_ARCHIVED,
+    BUILDS_RESTORED,
+    RUN_DURATION,
+    LAST_SUCCESS,
+    STATUS_WRITES,
+)
+
+
+def forget_cleanup(namespace: str, name: str, outcomes: Iterable[str]) -> None:
+    """Drop a deleted cleanup's series: a stale last-success time would fire its alert."""
+    for metric in _PER_CLEANUP:
+        with contextlib.suppress(KeyError):  # never set for this cleanup
+            metric.remove(namespace, name)
+    for outcome in outcomes:
+        with contextlib.suppress(KeyError):
+            RUNS.remove(namespace, name, outcome)
 
 
 def serve_metrics(port: int, address: str = "0.0.0.0") -> None:  # noqa: S104 (scraped from other Pods)

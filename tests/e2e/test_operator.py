@@ -401,3 +401,24 @@ def test_a_scheduled_apply_only_plans_on_creation_and_reports_its_next_time(
     settled = metric(operator, writes)
     time.sleep(3)  # six ticks
     assert metric(operator, writes) == settled
+
+
+def test_a_deleted_cleanup_leaves_no_metric_series_behind(
+    cluster: Cluster, builds: Seeded, operator: OperatorProcess
+) -> None:
+    # A last-success time left behind would fire the NoRecentSuccess alert for a cleanup
+    # that no longer exists.
+    cluster.secret("builds-db", url=builds.url)
+    cluster.apply(cleanup_resource(cluster_spec()))
+    wait_for(lambda: reconciled(cluster), what="a recorded plan")
+    series = f'namespace="{cluster.namespace}"'
+    last_success = "deployment_cleanup_last_success_timestamp_seconds{"
+    assert any(
+        line.startswith(last_success) and series in line for line in operator.metrics().splitlines()
+    )
+    cluster.kubectl("delete", "dcl", "nightly", "--timeout=60s")
+    wait_for(
+        lambda: not any(series in line for line in operator.metrics().splitlines()),
+        timeout=30,
+        what="the deleted cleanup's series gone",
+    )
