@@ -34,7 +34,7 @@ VERSION = "v1alpha1"
 PLURAL = "deploymentcleanups"
 _TRUE = {"true", "1", "yes", "on"}
 # (connect, read) seconds for every call: a call that never returns would freeze a tick.
-REQUEST_TIMEOUT = (5.0, 30.0)
+REQUEST_TIMEOUT = (5.0, 10.0)
 
 
 class KubeUnavailable(Exception):
@@ -54,7 +54,11 @@ def load_kube_config() -> client.ApiClient:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # No retries inside a call: urllib3's three retries of a read timeout could hold one tick
+    # for minutes while an API server starts up; the next tick is the retry.
+    configuration.retries = urllib3.Retry(total=0, redirect=0)
+    return client.ApiClient(configuration)
 
 
 @dataclass
