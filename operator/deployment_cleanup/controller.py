@@ -245,6 +245,12 @@ class Controller:
         status["failure"] = None
         status["killSwitch"] = self.kill_switch.on
         status["schedule"] = self._schedule(step, previous, step.slot)
+        # An apply held back by the kill switch (only planned, or stopped between batches;
+        # the operator's only stop request is the kill switch) runs again once it is off.
+        held = step.held_by_kill_switch or (
+            step.action is Action.APPLY and result.outcome is Outcome.STOPPED
+        )
+        status["heldApply"] = {"generation": cleanup.metadata.generation} if held else None
         await self._patch(cleanup, status)
 
         RUNS.labels(**labels, outcome=str(result.outcome)).inc()

@@ -54,6 +54,8 @@ class Step:
     restore_run: str | None = None
     approved_plan_id: str | None = None
     approve_current: bool = False
+    # An apply that the kill switch turned into a plan: recorded, and run once it is off.
+    held_by_kill_switch: bool = False
 
 
 def parse_time(value: object) -> datetime | None:
@@ -96,7 +98,11 @@ def _run_step(
         return Step(Action.PLAN, reason, slot, nxt)
     if kill_switch:
         return Step(
-            Action.PLAN, reason + "; the kill switch is on, so only a plan is made", slot, nxt
+            Action.PLAN,
+            reason + "; the kill switch is on, so only a plan is made",
+            slot,
+            nxt,
+            held_by_kill_switch=True,
         )
     approval = spec.approval
     return Step(
@@ -146,6 +152,16 @@ def next_step(
     if retry_at is not None and failed_generation == generation:
         return _run_step(spec, "retrying after a failure", None, nxt, kill_switch)
     if schedule is None:
+        held = (status.get("heldApply") or {}).get("generation") == generation
+        if held and spec.mode is Mode.APPLY:
+            # This generation's one apply was held back (planned only, or stopped between
+            # batches) by the kill switch, possibly failing closed while the API server was
+            # away: it runs once the switch is off. A schedule simply runs at its next slot.
+            if kill_switch:
+                return Step(Action.NONE, "the kill switch still holds back this generation's apply")
+            return _run_step(
+                spec, "the kill switch is off: running the apply it held back", None, nxt, False
+            )
         return Step(Action.NONE, "no schedule: one run per spec generation, done")
     if schedule.suspend:
         return Step(Action.NONE, "the schedule is suspended")

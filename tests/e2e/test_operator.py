@@ -332,6 +332,19 @@ def test_kill_switch_stops_an_apply_between_batches(
     assert status["killSwitch"] is True
     assert "Stopped" in cluster.event_reasons()
     assert "deployment_cleanup_kill_switch_enabled 1.0" in operator.metrics()
+    assert status["heldApply"] == {"generation": 1}
+
+    # Switched off again, the held-back apply runs: a kill switch pauses, it does not cancel.
+    cluster.kubectl("delete", "configmap", "deployment-cleanup-kill-switch")
+    status = wait_for(
+        lambda: (
+            (cluster.status().get("run") or {}).get("state") == "Succeeded" and cluster.status()
+        ),
+        timeout=60,
+        what="the held-back apply to finish",
+    )
+    assert builds.archived() == builds.expected_candidates()
+    assert not status.get("heldApply")
 
 
 def test_secrets_never_appear_in_status_events_or_logs(

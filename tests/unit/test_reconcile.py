@@ -134,3 +134,33 @@ def test_a_failed_generation_is_retried_after_the_backoff_only() -> None:
     }
     assert step(s, status).action is Action.NONE
     assert step(s, status, now=datetime(2026, 12, 4, 3, 11, tzinfo=UTC)).action is Action.PLAN
+
+
+def test_an_apply_held_back_by_the_kill_switch_runs_once_it_is_off() -> None:
+    # The switch fails closed while the API server is away, so an outage alone can hold an
+    # apply back; without a schedule it must not stay a plan for the rest of the generation.
+    s = spec(mode="Apply", approval={"mode": "Automatic"})
+    held = {"observedGeneration": 1, "heldApply": {"generation": 1}}
+    assert step(s, held, kill_switch=True).action is Action.NONE
+    resumed = step(s, held)
+    assert (resumed.action, resumed.approve_current) == (Action.APPLY, True)
+    assert "held back" in resumed.reason
+    # Held back in an older generation, or not at all: this generation is done.
+    assert (
+        step(s, {"observedGeneration": 2, "heldApply": {"generation": 1}}, generation=2).action
+        is Action.NONE
+    )
+    assert step(s, {"observedGeneration": 1, "heldApply": None}).action is Action.NONE
+    # A plan-only spec never applies, held or not.
+    assert step(spec(), held).action is Action.NONE
+    # With a schedule the next slot runs it, not the switch turning off.
+    scheduled = spec(mode="Apply", schedule={"cron": "0 3 * * *"})
+    status = held | {"schedule": {"lastScheduleTime": "2026-12-04T03:00:00Z"}}
+    assert step(scheduled, status).action is Action.NONE
+
+
+def test_a_plan_made_instead_of_an_apply_is_marked_held() -> None:
+    s = spec(mode="Apply", approval={"mode": "Automatic"})
+    assert step(s, kill_switch=True).held_by_kill_switch
+    assert not step(s).held_by_kill_switch
+    assert not step(spec(), kill_switch=True).held_by_kill_switch  # Plan mode asked for a plan
