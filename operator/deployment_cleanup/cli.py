@@ -150,6 +150,12 @@ def _parser() -> argparse.ArgumentParser:
         "--tick-seconds", type=float, help="reconcile interval per resource (default 15)"
     )
     p.add_argument("--kill-switch", metavar="NAMESPACE/NAME", help="the kill-switch ConfigMap")
+    p.add_argument(
+        "--static-discovery",
+        action="store_true",
+        help="serve the resources and namespaces found at start; no cluster-wide watch of "
+        "CRDs and Namespaces (so no RBAC for them is needed)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     p = sub.add_parser("demo", help="replay the incident on an embedded SQLite database")
     p.add_argument(
@@ -229,6 +235,7 @@ def _run_operator(args: argparse.Namespace) -> int:
         "DEPLOYMENT_CLEANUP_METRICS_PORT": args.metrics_port,
         "DEPLOYMENT_CLEANUP_IDENTITY": args.identity,
         "DEPLOYMENT_CLEANUP_TICK_SECONDS": args.tick_seconds,
+        "DEPLOYMENT_CLEANUP_STATIC_DISCOVERY": "true" if args.static_discovery else None,
     }
     if args.kill_switch:
         namespace, _, name = args.kill_switch.partition("/")

@@ -47,6 +47,9 @@ class OperatorConfig:
     identity: str
     """DEPLOYMENT_CLEANUP_IDENTITY: this replica's name in the archive lock (default: host name).
     Keep it stable across restarts of the same Pod, so a restart resumes its own apply at once."""
+    static_discovery: bool
+    """DEPLOYMENT_CLEANUP_STATIC_DISCOVERY: "true" serves the resources and namespaces found at
+    start, without kopf's cluster-wide watch of CRDs and Namespaces (default false)."""
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -64,6 +67,7 @@ class OperatorConfig:
             ),
             metrics_port=int(env.get("DEPLOYMENT_CLEANUP_METRICS_PORT", "8080")),
             identity=env.get("DEPLOYMENT_CLEANUP_IDENTITY", socket.gethostname()),
+            static_discovery=env.get("DEPLOYMENT_CLEANUP_STATIC_DISCOVERY", "").lower() == "true",
         )
 
 
@@ -81,6 +85,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     # Events carry only what this operator posts deliberately (redacted), not kopf's log lines.
     settings.posting.level = logging.ERROR
+    # Without RBAC to list CRDs and Namespaces, kopf would retry those listings for a minute
+    # (reconciling nothing meanwhile in namespaced mode) before falling back to this anyway.
+    settings.scanning.disabled = CONFIG.static_discovery
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 70
     kube = KubeApi(await asyncio.to_thread(load_kube_config))

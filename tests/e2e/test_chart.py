@@ -481,3 +481,48 @@ def peering_object(plane: ControlPlane, release: Release, namespace: str) -> dic
     else:
         command = ["get", "kopfpeering", release.fullname, "-n", namespace, "-o", "json"]
     return dict(json.loads(plane.kubectl(*command).stdout))
+
+
+def test_namespaced_without_discovery_needs_no_cluster_grant_and_reconciles_at_once(
+    plane: ControlPlane, releases: dict[str, Release], tmp_path: Path
+) -> None:
+    # rbac.discovery=false: no cluster-scoped RBAC at all, so kopf must not try to watch CRDs
+    # or Namespaces (it used to retry those listings for about a minute before reconciling).
+    namespace, system = "team-static", "static-system"
+    for created in (namespace, system):
+        plane.kubectl("create", "namespace", created)
+    values = {"rbac": {"clusterWide": False, "discovery": False}, "watchNamespaces": [namespace]}
+    result = plane.helm(
+        "install",
+        "st",
+        str(CHART),
+        "--namespace",
+        system,
+        "--values",
+        str(values_file(values, tmp_path)),
+    )
+    release = Release("namespaced", "st", system, values, result.stdout)
+    assert not can(plane, release, ("list", "customresourcedefinitions", None, ()))
+    path = tmp_path / "builds.sqlite"
+    path.touch()
+    builds: Seeded = seed(f"sqlite:///{path}")
+    cluster = Cluster(plane, namespace)
+    cluster.secret("builds-db", url=builds.url)
+    token = plane.create_service_account_token(release.namespace, release.fullname)
+    operator = chart_operator(
+        plane,
+        deployment_args(plane, release),
+        log=tmp_path / "operator.log",
+        kubeconfig=plane.write_token_kubeconfig(token, tmp_path / "kubeconfig"),
+        release_namespace=release.namespace,
+        pod_name=f"{release.fullname}-5d8f7c9b4-x2x7q",
+    )
+    with operator:
+        cluster.apply(cleanup_resource(cluster_spec(mode="Plan"), name="nightly-static"))
+        status = wait_for(
+            lambda: reconciled(cluster, "nightly-static"), timeout=20, what="a recorded plan"
+        )
+    assert status["plan"]["verdict"] == "Ready"
+    log = operator.log.read_text()
+    forbidden = [line for line in log.splitlines() if re.search(r"\b403\b|[Ff]orbidden", line)]
+    assert forbidden == []

@@ -326,6 +326,14 @@ def test_namespaced_without_discovery_has_no_cluster_scoped_rbac(folder: Path) -
         {**NAMESPACED, "rbac": {"clusterWide": False, "discovery": False}}, folder=folder
     )
     assert not [d for d in documents if d["kind"].startswith("Cluster")]
+    # ... and the operator is told not to watch what it may no longer list.
+    args = find(documents, "Deployment", FULLNAME)["spec"]["template"]["spec"]["containers"][0]
+    assert "--static-discovery" in args["args"]
+    with_discovery = find(render(NAMESPACED, folder=folder), "Deployment", FULLNAME)
+    assert (
+        "--static-discovery"
+        not in with_discovery["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)

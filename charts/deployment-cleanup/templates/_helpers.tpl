@@ -89,6 +89,9 @@ negative priority cannot be taken for a flag). */}}
 - {{ printf "--liveness=http://0.0.0.0:%d/healthz" (int .Values.health.port) | quote }}
 - {{ printf "--metrics-port=%d" (ternary (int .Values.metrics.port) 0 .Values.metrics.enabled) | quote }}
 - {{ printf "--kill-switch=%s/%s" .Release.Namespace .Values.killSwitch.configMapName | quote }}
+{{- if not .Values.rbac.discovery }}
+- --static-discovery
+{{- end }}
 {{- with .Values.operator.tickSeconds }}
 - {{ printf "--tick-seconds=%v" . | quote }}
 {{- end }}
