@@ -58,18 +58,21 @@ def libpq_uri(sqlalchemy_url: str) -> str:
     return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(False)
 
 
+def _psql(psql: Path, sqlalchemy_url: str, *options: str) -> list[str]:
+    return [
+        str(psql),
+        "--no-psqlrc",
+        "--quiet",
+        "--set=ON_ERROR_STOP=1",
+        f"--dbname={libpq_uri(sqlalchemy_url)}",
+        *options,
+    ]
+
+
 def psql_scan(psql: Path, sqlalchemy_url: str, *, ordered: bool = False) -> ScanCommand:
     sql = ORDERED_SCAN_SQL if ordered else SCAN_SQL
     return ScanCommand(
-        [
-            str(psql),
-            "--no-psqlrc",
-            "--quiet",
-            "--set=ON_ERROR_STOP=1",
-            f"--dbname={libpq_uri(sqlalchemy_url)}",
-            f"--command=COPY ({sql}) TO STDOUT",
-        ],
-        "psql COPY TO STDOUT",
+        _psql(psql, sqlalchemy_url, f"--command=COPY ({sql}) TO STDOUT"), "psql COPY TO STDOUT"
     )
 
 
@@ -117,18 +120,10 @@ def _record_sql(rows: int, as_text: str) -> str:
 
 
 def psql_record(psql: Path, sqlalchemy_url: str, rows: int) -> ScanCommand:
+    # One transaction, then statistics, as the engine does.
+    command = f"--command={_record_sql(rows, '{}::text')}; ANALYZE floor_items"
     return ScanCommand(
-        [
-            str(psql),
-            "--no-psqlrc",
-            "--quiet",
-            "--set=ON_ERROR_STOP=1",
-            f"--dbname={libpq_uri(sqlalchemy_url)}",
-            # One transaction, then statistics, as the engine does.
-            "--single-transaction",
-            f"--command={_record_sql(rows, '{}::text')}; ANALYZE floor_items",
-        ],
-        "psql INSERT ... SELECT",
+        _psql(psql, sqlalchemy_url, "--single-transaction", command), "psql INSERT ... SELECT"
     )
 
 

@@ -31,6 +31,15 @@ def _cleanup(seeded: Seeded, **spec: Any):  # type: ignore[no-untyped-def]
     return loose_cleanup(seeded.url, {"sql": {}, "batchSize": 40}, **spec)
 
 
+def _applying(
+    database_url: str, connections: OpenConnections
+) -> tuple[Seeded, Connections, RunRecord]:
+    """A seeded builds database and an apply of it recorded, with nothing archived yet."""
+    seeded = seed(database_url)
+    conns = connections(_cleanup(seeded))
+    return seeded, conns, _recorded_apply(conns)
+
+
 def _recorded_apply(conns: Connections) -> RunRecord:
     """An apply run with all its candidates recorded as pending and nothing archived yet."""
     stop = ApplyRequest(None, approve_current=True, stop_requested=lambda: "stopped by the test")
@@ -71,9 +80,7 @@ def _statements(engine: Engine) -> Iterator[list[str]]:
 def test_a_batch_of_several_statuses_is_archived_audited_and_counted_in_few_statements(
     database_url: str, connections: OpenConnections
 ) -> None:
-    seeded = seed(database_url)
-    conns = connections(_cleanup(seeded))
-    record = _recorded_apply(conns)
+    seeded, conns, record = _applying(database_url, connections)
     before = seeded.statuses()
     batch = conns.store.pending_items(record.id, 30)
     assert len({i.previous_status for i in batch}) > 1  # ready and failed builds together
@@ -116,9 +123,7 @@ def test_a_batch_of_several_statuses_is_archived_audited_and_counted_in_few_stat
 def test_every_skip_reason_is_recorded_and_the_rest_of_the_batch_archived(
     database_url: str, connections: OpenConnections
 ) -> None:
-    seeded = seed(database_url)
-    conns = connections(_cleanup(seeded))
-    record = _recorded_apply(conns)
+    seeded, conns, record = _applying(database_url, connections)
     batch = conns.store.pending_items(record.id, 40)
     by_project: dict[str, list[PendingItem]] = {}
     for item in batch:
@@ -185,9 +190,7 @@ def test_every_skip_reason_is_recorded_and_the_rest_of_the_batch_archived(
 def test_a_batch_routed_entirely_at_the_recheck_writes_only_its_skips(
     database_url: str, connections: OpenConnections
 ) -> None:
-    seeded = seed(database_url)
-    conns = connections(_cleanup(seeded))
-    record = _recorded_apply(conns)
+    seeded, conns, record = _applying(database_url, connections)
     before = seeded.statuses()
     batch = conns.store.pending_items(record.id, 5)
     result = conns.store.archive_batch(
@@ -211,9 +214,7 @@ def test_a_build_outside_the_runs_items_rolls_the_whole_batch_back(
     database_url: str, connections: OpenConnections
 ) -> None:
     """Without its item there would be no audit row: the batch must not commit at all."""
-    seeded = seed(database_url)
-    conns = connections(_cleanup(seeded))
-    record = _recorded_apply(conns)
+    seeded, conns, record = _applying(database_url, connections)
     batch = conns.store.pending_items(record.id, 10)
     planned = set(_items(conns, record.id))
     # A build that passes every guard (not active, not routed, its project has an active

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from deployment_cleanup.db import ConfigurationError
@@ -85,21 +85,28 @@ def test_a_postgres_standby_is_refused(local_postgres_server: PostgresServer) ->
     standby.close()
 
 
-def test_builds_without_project_or_status_are_counted_and_never_candidates(
-    sqlite_url: str, connections: OpenConnections
-) -> None:
-    engine = create_engine(sqlite_url, poolclass=NullPool)
-    old = "2026-01-01 00:00:00"
+def _small_schema(url: str) -> Engine:
+    """Empty projects, builds (nullable project and status, text dates) and routes tables."""
+    engine = create_engine(url, poolclass=NullPool)
     with engine.begin() as conn:
         conn.execute(
             text("CREATE TABLE projects (id INTEGER PRIMARY KEY, active_build_id INTEGER)")
         )
         conn.execute(
             text(
-                "CREATE TABLE builds (id INTEGER PRIMARY KEY, project_id INTEGER, status TEXT, created_at TEXT)"
+                "CREATE TABLE builds (id INTEGER PRIMARY KEY, project_id INTEGER, status TEXT, "
+                "created_at TEXT)"
             )
         )
         conn.execute(text("CREATE TABLE routes (build_id INTEGER, hostname TEXT)"))
+    return engine
+
+
+def test_builds_without_project_or_status_are_counted_and_never_candidates(
+    sqlite_url: str, connections: OpenConnections
+) -> None:
+    old = "2026-01-01 00:00:00"
+    with _small_schema(sqlite_url).begin() as conn:
         conn.execute(text("INSERT INTO projects VALUES (1, 3)"))
         conn.execute(
             text(
@@ -117,18 +124,8 @@ def test_builds_without_project_or_status_are_counted_and_never_candidates(
 def test_builds_of_a_project_without_a_projects_row_are_all_kept(
     sqlite_url: str, connections: OpenConnections
 ) -> None:
-    engine = create_engine(sqlite_url, poolclass=NullPool)
     old = "2026-01-01 00:00:00"
-    with engine.begin() as conn:
-        conn.execute(
-            text("CREATE TABLE projects (id INTEGER PRIMARY KEY, active_build_id INTEGER)")
-        )
-        conn.execute(
-            text(
-                "CREATE TABLE builds (id INTEGER PRIMARY KEY, project_id INTEGER, status TEXT, created_at TEXT)"
-            )
-        )
-        conn.execute(text("CREATE TABLE routes (build_id INTEGER, hostname TEXT)"))
+    with _small_schema(sqlite_url).begin() as conn:
         conn.execute(text("INSERT INTO projects VALUES (1, 2)"))
         # Project 7 has builds but no row: its active build is unknown, so nothing of it goes.
         conn.execute(
