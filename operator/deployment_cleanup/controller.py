@@ -245,11 +245,9 @@ class Controller:
         status["failure"] = None
         status["killSwitch"] = self.kill_switch.on
         status["schedule"] = self._schedule(step, previous, step.slot)
-        # An apply held back by the kill switch (only planned, or stopped between batches;
-        # the operator's only stop request is the kill switch) runs again once it is off.
-        held = step.held_by_kill_switch or (
-            step.action is Action.APPLY and result.outcome is Outcome.STOPPED
-        )
+        # An apply held back by the kill switch (only planned, or stopped between batches on
+        # its request) runs again once it is off; one that stopped on its own checks does not.
+        held = step.held_by_kill_switch or result.stopped_on_request
         status["heldApply"] = {"generation": cleanup.metadata.generation} if held else None
         await self._patch(cleanup, status)
 

@@ -410,6 +410,9 @@ class RunResult:
     plan: Plan | None = None
     run: RunRecord | None = None
     restore: RestoreResult | None = None
+    # Stopped because ApplyRequest.stop_requested asked (the operator: the kill switch), not
+    # by the apply's own checks (a skipping canary, a failed re-check lookup).
+    stopped_on_request: bool = False
 
 
 async def plan_and_record(
@@ -495,7 +498,13 @@ async def _apply(
     if row.state is RunState.PLANNED:
         return RunResult(Outcome.AWAITING_APPROVAL, row.message, plan, run)
     result = await _execute(conns, run, request, clock, progress, resumed=False)
-    return RunResult(result.outcome, result.message, plan, result.run)
+    return RunResult(
+        result.outcome,
+        result.message,
+        plan,
+        result.run,
+        stopped_on_request=result.stopped_on_request,
+    )
 
 
 async def _recheck_routing(
@@ -529,6 +538,7 @@ async def _execute(
     except LockHeld as exc:
         return RunResult(Outcome.BUSY, f"not applying: {exc}", run=run)
     state, message = RunState.SUCCEEDED, ""
+    stopped_on_request = False
     # The canary goes first whenever nothing was written yet, resumed or not.
     first = run.archived == 0 and run.skipped == 0
     done = run.archived + run.skipped
@@ -541,6 +551,7 @@ async def _execute(
             reason = request.stop_requested()
             if reason is not None:
                 state, message = RunState.STOPPED, f"stopped before a batch: {reason}"
+                stopped_on_request = True
                 break
             size = execution.canary_batch_size if first else execution.batch_size
             if len(pending) < size:
@@ -598,7 +609,7 @@ async def _execute(
     await asyncio.to_thread(store.release_lock, fence, clock())
     final = await asyncio.to_thread(store.get_run, run.id)
     outcome = Outcome.SUCCEEDED if state is RunState.SUCCEEDED else Outcome.STOPPED
-    return RunResult(outcome, message, run=final)
+    return RunResult(outcome, message, run=final, stopped_on_request=stopped_on_request)
 
 
 async def restore(

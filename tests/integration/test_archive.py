@@ -159,6 +159,7 @@ def test_each_build_is_rechecked_just_before_it_is_archived(
     # The canary batch held changed builds: the run stops for a fresh plan.
     assert result.outcome is Outcome.STOPPED
     assert "canary" in result.message
+    assert not result.stopped_on_request  # its own check: not held for the kill switch
     skipped = {i.build_id: i for i in conns.store.pending_items(result.run.id, 1000)}  # type: ignore[union-attr]
     assert not skipped.keys() & {str(b.id) for b in first}
 
@@ -311,6 +312,7 @@ def test_a_stop_request_halts_the_apply_between_batches(
     result = run(apply(conns, request))
     assert result.outcome is Outcome.STOPPED
     assert "kill switch" in result.message
+    assert result.stopped_on_request
     assert len(seeded.archived()) == 3 + 10  # the canary, then one full batch
 
 
