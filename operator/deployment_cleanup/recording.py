@@ -113,6 +113,11 @@ class PlanRecorder:
     def _open_copy(self) -> Any:
         from psycopg.copy import QueuedLibpqWriter  # noqa: PLC0415 (PostgreSQL only)
 
+        # One COPY for the whole plan: a role's statement_timeout (or transaction_timeout)
+        # would cancel it part-way through a long plan, so this transaction lifts them.
+        self.conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+        if (self.conn.dialect.server_version_info or (0,)) >= (17,):
+            self.conn.exec_driver_sql("SET LOCAL transaction_timeout = 0")
         cursor = self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         columns = ", ".join(_ITEM_COLUMNS)
         context = contextlib.ExitStack()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
 
 from deployment_cleanup import runs
 from deployment_cleanup.runs import ApplyRequest, Outcome, apply, plan_and_record, utc_now
@@ -90,3 +91,31 @@ def test_an_apply_waiting_for_approval_records_a_plan_whose_items_are_not_pendin
     assert dict(outcomes) == {"planned": len(world.expected_candidates())}
     assert conns.store.unfinished_apply(conns.cleanup.key) is None
     assert world.archived() == set()
+
+
+@pytest.mark.postgres
+def test_a_role_statement_timeout_does_not_cancel_a_long_plan(
+    postgres_url: str,
+    routing_server: RoutingServer,
+    connections: OpenConnections,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The items go through one COPY for the whole plan; a role's statement_timeout shorter
+    # than the plan must not cancel it (each scan page stays a short statement of its own).
+    seeded = seed(postgres_url, projects=60)
+    routing_server.set_routed(str(b) for b in seeded.live())
+    routing_server.latency = 0.05
+    monkeypatch.setattr(runs, "RECORD_CHUNK", 1)
+    url = make_url(postgres_url).update_query_dict({"options": "-c statement_timeout=300"})
+    conns = connections(
+        loose_cleanup(
+            url.render_as_string(hide_password=False),
+            http_routing(routing_server.url, batchSize=5, concurrency=1),
+        )
+    )
+    started = time.monotonic()
+    result = run(plan_and_record(conns, utc_now()))
+    assert time.monotonic() - started > 1  # far longer than the timeout
+    assert result.outcome is Outcome.SUCCEEDED, result.message
+    assert result.run is not None
+    assert set(recorded_candidates(conns.store, result.run.id)) == seeded.expected_candidates()
