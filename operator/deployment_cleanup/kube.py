@@ -166,8 +166,8 @@ class KillSwitch:
     def _state(self) -> tuple[bool, str]:
         with self._lock:
             on, why, read_at = self._on, self._why, self._read_at
-        if not on and read_at is not None and self._clock() - read_at > self.max_age:
-            age = self._clock() - read_at
+        age = None if read_at is None else self._clock() - read_at
+        if not on and age is not None and age > self.max_age:
             return True, f"last read {age:.0f}s ago, more than {self.max_age:g}s (stale)"
         return on, why
 

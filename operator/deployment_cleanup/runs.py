@@ -174,7 +174,8 @@ async def make_plan(
     progress: Progress | None = None,
 ) -> Plan:
     """Scan the inventory, look every build up, and decide. Writes nothing."""
-    return await _make_plan(conns, now, previous_reference, progress, None)
+    plan, _ = await _make_plan(conns, now, previous_reference, progress, None)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -204,17 +205,12 @@ async def plan_and_record_run(
     store = conns.store
     await asyncio.to_thread(store.ensure_tables)
     previous = await asyncio.to_thread(store.last_successful_reference, conns.cleanup.key)
-    decided: list[RunRow] = []
-
-    def decide_once(plan: Plan) -> RunRow:
-        decided.append(decide(plan))
-        return decided[0]
-
-    recording = _Recording(new_run_id(now), outcome, decide_once)
-    plan = await _make_plan(conns, now, previous, progress, recording)
+    recording = _Recording(new_run_id(now), outcome, decide)
+    plan, row = await _make_plan(conns, now, previous, progress, recording)
+    assert row is not None
     run = await asyncio.to_thread(store.get_run, recording.run_id)
     assert run is not None
-    return plan, decided[0], run
+    return plan, row, run
 
 
 async def _make_plan(
@@ -223,7 +219,8 @@ async def _make_plan(
     previous_reference: ReferenceCounts | None,
     progress: Progress | None,
     recording: _Recording | None,
-) -> Plan:
+) -> tuple[Plan, RunRow | None]:
+    """The plan, and with ``recording`` the row it was recorded as (see PlanRecorder)."""
     spec = conns.cleanup.spec
     routing = spec.routing
     builder = PlanBuilder(
@@ -240,6 +237,7 @@ async def _make_plan(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inventory-scan") as scan_thread:
         conn = await loop.run_in_executor(scan_thread, conns.engine.connect)
         recorder: PlanRecorder | None = None
+        row: RunRow | None = None
         try:
             await loop.run_in_executor(scan_thread, check_not_a_standby, conn)
             if recording is not None:
@@ -271,7 +269,7 @@ async def _make_plan(
             if recorder is not None:
                 await loop.run_in_executor(scan_thread, recorder.close)
             await loop.run_in_executor(scan_thread, conn.close)
-    return plan
+    return plan, row
 
 
 def _next_unit(
